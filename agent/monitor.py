@@ -1,0 +1,89 @@
+"""Keeps the datapath attached to every container veth and turns reads into Snapshots.
+
+The glue between the layers, used by every long-running front end: the inventory
+watcher says which veths exist and whose they are; the monitor attaches the
+program, tells the datapath each veth's policy slot, and feeds reads of the flow
+table to the aggregator.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import docker
+
+from agent.datapath import Datapath
+from agent.flows import FlowAggregator, TableRead
+from agent.inventory import DockerInventory, InventoryWatcher, bridge_veths
+from agent.model import Container, Inventory, Snapshot
+
+log = logging.getLogger(__name__)
+
+# (slot, has_policy) for a container; the policy layer provides the real one.
+PolicySlots = Callable[[Container], tuple[int, bool]]
+
+
+def no_policy(_container: Container) -> tuple[int, bool]:
+    return 0, False
+
+
+class Monitor:
+    def __init__(self, datapath: Datapath, client: docker.DockerClient, policy_slots: PolicySlots = no_policy):
+        self.datapath = datapath
+        self.policy_slots = policy_slots
+        self.aggregator = FlowAggregator()
+        self._attached: set[int] = set()
+        self._lock = threading.Lock()
+        self.watcher = InventoryWatcher(DockerInventory(client), on_veth=self.attach, on_change=self.sync)
+
+    @property
+    def inventory(self) -> Inventory:
+        return self.watcher.current
+
+    def start(self) -> Inventory:
+        inventory = self.watcher.start()
+        self.poll()  # baseline: the first interval's deltas start here
+        return inventory
+
+    def stop(self) -> None:
+        self.watcher.stop()
+
+    def attach(self, ifindex: int) -> None:
+        with self._lock:
+            if ifindex in self._attached:
+                return
+            self.datapath.attach(ifindex)
+            self._attached.add(ifindex)
+
+    def sync(self, inventory: Inventory) -> None:
+        """Attach what is new, tell the datapath each veth's slot, forget vanished veths."""
+        present = bridge_veths(inventory.bridges)
+        with self._lock:
+            self._attached &= set(present)  # a vanished veth took its filter with it
+        for ifindex in present:
+            try:
+                self.attach(ifindex)
+            except Exception as exc:  # the veth may vanish between listing and attaching
+                log.debug("attach to %s failed: %s", present[ifindex], exc)
+        for container in inventory.containers:
+            slot, has_policy = self.policy_slots(container)
+            for endpoint in container.endpoints:
+                self.datapath.set_endpoint(endpoint.ifindex, slot, has_policy)
+        self.datapath.forget_endpoints(keep=present)
+
+    def poll(self) -> Snapshot:
+        read = self.datapath.read_flows()
+        counters = self.datapath.read_ifindex_counters()
+        return self.aggregator.update(
+            TableRead(
+                keys=read.keys,
+                stats=read.stats,
+                monotonic_ns=read.monotonic_ns,
+                table_size=self.datapath.flow_table_size,
+                flows_created=self.datapath.flows_created(),
+                dropped_by_ifindex={i: c.dropped_packets for i, c in counters.items()},
+            ),
+            self.inventory,
+        )
