@@ -35,6 +35,9 @@ def _setup_logging(prog: str, verbose: bool) -> None:
         format=f"{prog}: %(message)s",
         stream=sys.stderr,
     )
+    # --verbose is about our datapath and inventory, not every HTTP request to dockerd
+    for chatty in ("urllib3", "docker"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def reports_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -20,6 +20,7 @@ import importlib.resources
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -114,7 +115,7 @@ def check_privileges() -> None:
     has_bpf = bool(caps & (1 << cap_bpf)) or bool(caps & (1 << cap_sys_admin))
     if not has_bpf or not caps & (1 << cap_net_admin):
         raise UserError(
-            "egress-top needs root (CAP_BPF and CAP_NET_ADMIN): run it with sudo", EXIT_PERMISSION
+            "needs root (CAP_BPF and CAP_NET_ADMIN): run it with sudo", EXIT_PERMISSION
         )
 
 
@@ -128,9 +129,12 @@ def _effective_capabilities() -> int:
 def ensure_bpffs() -> None:
     if os.path.ismount(BPFFS):
         return
-    BPFFS.mkdir(parents=True, exist_ok=True)
-    result = os.system(f"mount -t bpf bpf {BPFFS} 2>/dev/null")
-    if result != 0 or not os.path.ismount(BPFFS):
+    try:
+        BPFFS.mkdir(parents=True, exist_ok=True)
+        mounted = subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], capture_output=True).returncode == 0
+    except OSError:
+        mounted = False
+    if not mounted or not os.path.ismount(BPFFS):
         raise UserError(
             f"cannot mount bpffs at {BPFFS}: run 'mount -t bpf bpf {BPFFS}' (the kernel needs CONFIG_BPF_SYSCALL)",
             EXIT_KERNEL,
@@ -219,8 +223,9 @@ class Datapath:
                     fn = bpf.load_func(PROGRAM_NAME.encode(), BPF.SCHED_CLS)
             except Exception as exc:
                 lines = log_path.read_text(errors="replace").strip().splitlines()
+                reason = next((line for line in lines if "error" in line.lower()), str(exc))
                 raise UserError(
-                    f"the kernel refused the BPF program ({exc}); run with --verbose for the verifier log",
+                    f"the kernel refused the BPF program ({reason.strip()}): run with --verbose for the full log",
                     EXIT_KERNEL,
                     detail="\n".join(lines[-40:]),
                 ) from None

@@ -1,0 +1,271 @@
+"""Foundation, for real: dockerd, BPF on veths, network namespaces, exact counts.
+
+Traffic goes only to the lab's own containers and its `upstream` netns.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from lab import UPSTREAM_V4, UPSTREAM_V6, Lab, wait_until
+from runner import EgressTop, run_cli
+
+from agent.datapath import PIN_DIR, our_filters
+
+IPV4_UDP_OVERHEAD = 28  # IPv4 header 20 + UDP header 8: our byte counts are IP bytes
+IPV6_UDP_OVERHEAD = 48
+
+
+def veth_ifindexes(lab: Lab, container) -> set[int]:  # type: ignore[no-untyped-def]
+    """Host-side veth ifindex of each interface of the container (its iflink, via netlink)."""
+    from agent.inventory import _netns_links
+
+    return {peer for _name, _mac, peer in _netns_links(lab.pid(container))}
+
+
+@pytest.fixture(autouse=True)
+def nothing_of_ours_left():
+    yield
+    leftovers = our_filters()
+    assert not leftovers, f"filters of ours left on {leftovers}"
+    assert not PIN_DIR.exists(), f"pins left under {PIN_DIR}"
+
+
+def test_udp_to_upstream_is_counted_exactly_on_the_senders_flow(lab: Lab, upstream) -> None:
+    count, size, port = 25, 200, 5001
+    net = lab.network()
+    sender = lab.container("sender", network=net)
+    idle = lab.container("idle", network=net)
+    sink = upstream.udp_sink(port)
+    top = EgressTop()
+    try:
+        top.wait_attached(veth_ifindexes(lab, sender) | veth_ifindexes(lab, idle))
+        src_port = lab.send_udp(sender, UPSTREAM_V4, port, count=count, size=size)
+        sink.wait_for(count, timeout=5)
+        flow_key = (lab.ip(sender), src_port, UPSTREAM_V4, port, "udp")
+        wait_until(lambda: top.flows_of(sender.name).get(flow_key, {}).get("packets") == count, timeout=5)
+    finally:
+        assert top.stop() == 0, top.stderr
+    assert sink.counts() == (count, count * size)
+    flows = top.flows_of(sender.name)
+    record = flows[flow_key]
+    assert record["packets"] == count
+    assert record["bytes"] == count * (size + IPV4_UDP_OVERHEAD)
+    assert record["dst_kind"] == "external"
+    assert record["family"] == "ipv4" and record["network"] == net.name
+    # Direction: the sender's only flow is the one it sent; the upstream is never a source.
+    assert list(flows) == [flow_key]
+    assert all(r["src"] != UPSTREAM_V4 for r in top.records)
+    assert top.flows_of(idle.name) == {}
+
+
+def test_container_to_container_flows_belong_to_the_sender(lab: Lab) -> None:
+    net = lab.network()
+    alice = lab.container("alice", network=net)
+    bob = lab.container("bob", network=net)
+    top = EgressTop()
+    try:
+        top.wait_attached(veth_ifindexes(lab, alice) | veth_ifindexes(lab, bob))
+        alice_port = lab.send_udp(alice, lab.ip(bob), 6001, count=7, size=50)
+        bob_port = lab.send_udp(bob, lab.ip(alice), 6002, count=11, size=80)
+        alice_key = (lab.ip(alice), alice_port, lab.ip(bob), 6001, "udp")
+        bob_key = (lab.ip(bob), bob_port, lab.ip(alice), 6002, "udp")
+        wait_until(lambda: alice_key in top.flows_of(alice.name) and bob_key in top.flows_of(bob.name), timeout=5)
+    finally:
+        assert top.stop() == 0, top.stderr
+    alice_flows, bob_flows = top.flows_of(alice.name), top.flows_of(bob.name)
+    assert alice_flows[alice_key]["packets"] == 7
+    assert alice_flows[alice_key]["bytes"] == 7 * (50 + IPV4_UDP_OVERHEAD)
+    assert (alice_flows[alice_key]["dst_kind"], alice_flows[alice_key]["dst_name"]) == ("container", bob.name)
+    assert bob_flows[bob_key]["packets"] == 11
+    assert (bob_flows[bob_key]["dst_kind"], bob_flows[bob_key]["dst_name"]) == ("container", alice.name)
+    # Each container only ever shows traffic it sent (ICMP port-unreachable replies included).
+    assert all(r["src"] == lab.ip(alice) for r in alice_flows.values())
+    assert all(r["src"] == lab.ip(bob) for r in bob_flows.values())
+
+
+def test_container_on_two_networks_counts_each_network(lab: Lab) -> None:
+    front, back = lab.network(), lab.network()
+    multi = lab.container("multi", network=front, extra_networks=[back])
+    peer_front = lab.container("pfront", network=front)
+    peer_back = lab.container("pback", network=back)
+    top = EgressTop()
+    try:
+        top.wait_attached(veth_ifindexes(lab, multi))
+        assert len(veth_ifindexes(lab, multi)) == 2
+        front_port = lab.send_udp(multi, lab.ip(peer_front, front.name), 7001, count=5, size=10)
+        back_port = lab.send_udp(multi, lab.ip(peer_back, back.name), 7002, count=9, size=10)
+        wait_until(lambda: len(top.flows_of(multi.name)) >= 2, timeout=5)
+    finally:
+        assert top.stop() == 0, top.stderr
+    flows = top.flows_of(multi.name)
+    front_flow = flows[(lab.ip(multi, front.name), front_port, lab.ip(peer_front, front.name), 7001, "udp")]
+    back_flow = flows[(lab.ip(multi, back.name), back_port, lab.ip(peer_back, back.name), 7002, "udp")]
+    assert (front_flow["network"], front_flow["packets"]) == (front.name, 5)
+    assert (back_flow["network"], back_flow["packets"]) == (back.name, 9)
+    assert front_flow["veth"] != back_flow["veth"]
+
+
+def test_container_started_while_running_is_counted_within_a_second(lab: Lab, upstream) -> None:
+    net = lab.network()
+    top = EgressTop(interval=0.2)
+    try:
+        time.sleep(2.0)  # egress-top is up (load + first inventory) before the container exists
+        late = lab.container(
+            "late",
+            network=net,
+            command=["sh", "-c", f"for i in $(seq 1 100); do ping -c1 -W1 {UPSTREAM_V4}; sleep 0.1; done"],
+            start=False,
+        )
+        started = time.time()
+        late.start()
+        record = top.wait_for(lambda r: r["container_name"] == late.name, timeout=5)
+        seen_at = top.arrival[top.records.index(record)]
+        assert seen_at - started < 1.0 + 0.2, f"first record {seen_at - started:.2f}s after start"
+        assert record["dst"] == UPSTREAM_V4 and record["proto"] == "icmp" and record["icmp_type"] == 8
+
+        ifindexes = veth_ifindexes(lab, late)
+        late.stop(timeout=1)
+        wait_until(lambda: not ifindexes & set(our_filters()), timeout=5)
+        time.sleep(0.5)  # a few more refreshes after the veth vanished
+        assert top.proc.poll() is None, "egress-top died when the container stopped"
+    finally:
+        assert top.stop() == 0, top.stderr
+    assert "Traceback" not in top.stderr and "rror" not in top.stderr, top.stderr
+
+
+def test_ipv6_flow_is_counted_with_its_addresses(lab: Lab, upstream) -> None:
+    net = lab.network(ipv6=True)
+    sender = lab.container("v6", network=net)
+    top = EgressTop()
+    try:
+        top.wait_attached(veth_ifindexes(lab, sender))
+        src_port = lab.send_udp(sender, UPSTREAM_V6, 5006, count=6, size=100)
+        key = (lab.ip6(sender), src_port, UPSTREAM_V6, 5006, "udp")
+        wait_until(lambda: key in top.flows_of(sender.name), timeout=5)
+    finally:
+        assert top.stop() == 0, top.stderr
+    record = top.flows_of(sender.name)[key]
+    assert (record["family"], record["packets"]) == ("ipv6", 6)
+    assert record["bytes"] == 6 * (100 + IPV6_UDP_OVERHEAD)
+
+
+def test_shared_netns_and_host_network_containers_are_shown(lab: Lab, upstream) -> None:
+    net = lab.network()
+    owner = lab.container("owner", network=net)
+    sharer = lab.container("sharer", network_mode=f"container:{owner.id}")
+    on_host = lab.container("onhost", network_mode="host")
+    top = EgressTop()
+    try:
+        top.wait_attached(veth_ifindexes(lab, owner))
+        src_port = lab.send_udp(sharer, UPSTREAM_V4, 5007, count=3, size=10)
+        key = (lab.ip(owner), src_port, UPSTREAM_V4, 5007, "udp")
+        wait_until(lambda: key in top.flows_of(owner.name), timeout=5)
+    finally:
+        assert top.stop() == 0, top.stderr
+    assert top.flows_of(owner.name)[key]["packets"] == 3
+    assert top.flows_of(sharer.name) == {}
+
+    plain = run_cli("egress-top", "-n", "1", "-i", "0.2")
+    assert plain.returncode == 0, plain.stderr
+    sharer_line = next(line for line in plain.stdout.splitlines() if sharer.name in line and owner.name in line)
+    assert "shares" in sharer_line
+    host_line = next(line for line in plain.stdout.splitlines() if on_host.name in line)
+    assert "host network" in host_line
+
+
+@pytest.mark.parametrize("how", ["count", "sigterm", "sigint"])
+def test_exit_leaves_no_filter_or_qdisc(lab: Lab, how: str) -> None:
+    net = lab.network()
+    container = lab.container("exit", network=net)
+    ifindexes = veth_ifindexes(lab, container)
+    if how == "count":
+        result = run_cli("egress-top", "--json", "-n", "2", "-i", "0.2")
+        assert result.returncode == 0, result.stderr
+    else:
+        top = EgressTop()
+        top.wait_attached(ifindexes)
+        assert top.stop(signal.SIGTERM if how == "sigterm" else signal.SIGINT) == 0, top.stderr
+    for ifindex in ifindexes:
+        qdiscs = subprocess.run(["tc", "qdisc", "show", "dev", _ifname(ifindex)], capture_output=True, text=True)
+        assert "clsact" not in qdiscs.stdout
+
+
+def _ifname(ifindex: int) -> str:
+    import socket
+
+    return socket.if_indextoname(ifindex)
+
+
+# --- errors: one line, its exit code, nothing left behind ------------------------------
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], exit_code: int, *words: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == exit_code, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("egress-top: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert result.stdout == ""
+
+
+def test_error_not_root() -> None:
+    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all")
+    _one_line_error(run_cli("egress-top", "--json", "-n", "1", prefix=nobody), 3, "root", "sudo")
+
+
+def test_error_root_without_cap_bpf() -> None:
+    no_bpf = ("setpriv", "--bounding-set=-bpf,-sys_admin", "--inh-caps=-bpf,-sys_admin")
+    result = run_cli("egress-top", "--json", "-n", "1", prefix=no_bpf)
+    _one_line_error(result, 3, "CAP_BPF")
+
+
+def test_error_docker_unreachable() -> None:
+    result = run_cli("egress-top", "--json", "-n", "1", env={"DOCKER_HOST": "unix:///run/ett-no-such.sock"})
+    _one_line_error(result, 4, "unix:///run/ett-no-such.sock", "dockerd")
+
+
+def test_error_unknown_container() -> None:
+    result = run_cli("egress-top", "--json", "-n", "1", "--container", "ett-no-such-container")
+    _one_line_error(result, 2, "ett-no-such-container")
+
+
+def test_error_no_kernel_headers() -> None:
+    # A private mount namespace where /lib/modules and /usr/src are empty.
+    script = "mount -t tmpfs none /lib/modules && mount -t tmpfs none /usr/src && exec \"$@\""
+    prefix = ("unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh")
+    result = run_cli("egress-top", "--json", "-n", "1", prefix=prefix)
+    _one_line_error(result, 5, "linux-headers-amd64")
+
+
+def test_error_bpffs_not_mountable() -> None:
+    # /sys/fs read-only and empty in a private mount namespace: bpffs cannot be mounted.
+    script = "umount /sys/fs/bpf 2>/dev/null; mount -t tmpfs -o ro none /sys/fs && exec \"$@\""
+    prefix = ("unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh")
+    result = run_cli("egress-top", "--json", "-n", "1", prefix=prefix)
+    _one_line_error(result, 5, "bpffs")
+
+
+def test_error_program_refused_shows_log_with_verbose() -> None:
+    too_big = str(2**31)
+    quiet = run_cli("egress-top", "--json", "-n", "1", "--flow-table-size", too_big)
+    _one_line_error(quiet, 5, "refused", "--verbose")
+    verbose = run_cli("egress-top", "--json", "-n", "1", "-v", "--flow-table-size", too_big)
+    assert verbose.returncode == 5
+    assert len(verbose.stderr.strip().splitlines()) > 1  # the loader's own lines follow
+
+
+def test_headers_fallback_logs_one_line(tmp_path: Path) -> None:
+    """Real header discovery against Debian's split tree, in a throwaway modules root."""
+    from agent.headers import ensure_kernel_headers
+
+    modules = tmp_path / "modules"
+    ensure_kernel_headers(release="9.9.9-test", modules_root=modules)
+    build = modules / "9.9.9-test" / "build"
+    assert build.is_symlink() and (build / "Makefile").exists()
+    assert os.path.exists(modules / "9.9.9-test" / "source" / "include" / "linux" / "kconfig.h")
