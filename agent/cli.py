@@ -9,22 +9,42 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
-from agent.datapath import DEFAULT_FLOW_TABLE_SIZE, check_privileges, cleanup_everything, open_datapath
+from agent.datapath import (
+    DEFAULT_FLOW_TABLE_SIZE,
+    RuleHits,
+    check_privileges,
+    cleanup_everything,
+    open_datapath,
+    open_pinned_maps,
+)
+from agent.enforcement import (
+    check_can_enforce,
+    enforce_now,
+    flows_of,
+    resolve_container_name,
+    verdict_changes,
+)
 from agent.errors import EXIT_USAGE, UserError
 from agent.export import write_ndjson
 from agent.inventory import DockerInventory, connect_docker, require_containers
-from agent.model import Inventory, Snapshot
+from agent.model import PROTO_NAMES, FlowKey, Inventory, Snapshot
+from agent.rules_view import format_rules_table, rule_row
 from agent.monitor import Monitor
+from agent.policy import RuleStore
 
 SORT_KEYS = ("rate", "bytes", "packets", "flows", "drops", "name")
 
@@ -122,9 +142,11 @@ def egress_top(
     client = connect_docker()
     # Unknown --container names fail here, before anything is attached.
     only = _container_filter(DockerInventory(client).snapshot(), containers)
+    store = RuleStore()
+    store.load()  # a corrupt store is refused before anything is attached
     interactive = not as_json and sys.stdout.isatty()
     with _sigterm_exits(), open_datapath(flow_table_size) as datapath:
-        monitor = Monitor(datapath, client)
+        monitor = Monitor(datapath, client, store)
         monitor.start()
         try:
             if interactive:
@@ -181,19 +203,138 @@ def _run_tui(
     run_live(monitor.poll, interval, count, state, color)
 
 
-def _not_implemented(prog: str) -> Callable[..., None]:
-    @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def command() -> None:
-        click.echo(f"{prog}: not implemented yet (see README: enforcement lands with egress-block)", err=True)
-        sys.exit(EXIT_USAGE)
+# --- rules ---------------------------------------------------------------------------
 
+_PROTO_CHOICE = click.Choice(["tcp", "udp", "icmp", "any"])
+
+
+def _rule_change_command(action: str, prog: str) -> click.Command:
+    """egress-block and egress-allow: the same command, a different action."""
+
+    @click.command(name=prog, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.argument("container")
+    @click.argument("dest")
+    @click.option("--port", type=int, default=None, help="Destination port (tcp/udp; with proto any: both).")
+    @click.option("--proto", type=_PROTO_CHOICE, default="any", show_default=True)
+    @click.option("--pending", is_flag=True, help="Keep the rule for a container that does not exist yet.")
+    @click.option("--dry-run", is_flag=True, help="Show which current flows the rule would change; change nothing.")
+    @click.option("-v", "--verbose", is_flag=True)
+    @reports_errors(prog)
+    def command(container: str, dest: str, port: int | None, proto: str, pending: bool, dry_run: bool,
+                verbose: bool) -> None:
+        store = RuleStore()
+        if dry_run:
+            check_privileges()
+            inventory = DockerInventory(connect_docker()).snapshot()
+            name = resolve_container_name(inventory, container, pending)
+            _print_dry_run(store, inventory, name, dest, action, port, proto)
+            return
+        check_can_enforce()
+        inventory = DockerInventory(connect_docker()).snapshot()
+        name = resolve_container_name(inventory, container, pending)
+        rule, replaced = store.add(
+            name, dest, action=action, port=port, proto=proto, pending=inventory.find(name) is None
+        )
+        enforce_now(store, inventory, name)
+        verb = "replaced" if replaced else "added"
+        where = "" if inventory.find(name) else " (pending: applies when the container starts)"
+        click.echo(f"{verb} rule {rule.rule_id}: {name} {rule.summary()}{where}")
+
+    command.__doc__ = f"{action.capitalize()} a container's egress to DEST (address, CIDR or host name)."
     return command
 
 
-egress_block = _not_implemented("egress-block")
-egress_allow = _not_implemented("egress-allow")
-egress_unblock = _not_implemented("egress-unblock")
-egress_rules = _not_implemented("egress-rules")
+def _print_dry_run(store: RuleStore, inventory: Inventory, name: str, dest: str, action: str,
+                   port: int | None, proto: str) -> None:
+    """Apply the change to a scratch copy of the store and compare each live flow's fate."""
+    container = inventory.find(name)
+    maps = open_pinned_maps()
+    if container is None or maps is None:
+        click.echo(f"no flows of {name} observed now (egress-top or the agent is not running): nothing to compare")
+        return
+    try:
+        flows = flows_of(maps, container)
+    finally:
+        maps.close()
+    with tempfile.TemporaryDirectory(prefix="egress-top-dry-run-") as scratch:
+        if store.path.exists():
+            shutil.copy(store.path, Path(scratch) / store.path.name)
+        scratch_store = RuleStore(Path(scratch))
+        before = scratch_store.rules(name)
+        scratch_store.add(name, dest, action=action, port=port, proto=proto)
+        after = scratch_store.rules(name)
+    changes = verdict_changes(before, after, flows)
+    click.echo(f"dry run: {len(changes)} of {len(flows)} current flows of {name} would change; nothing was changed")
+    for flow, was, becomes in changes:
+        click.echo(f"  {'cut' if becomes == 'dropped' else 'let through'}: {format_flow(flow)} ({was} -> {becomes})")
+
+
+def format_flow(flow: FlowKey) -> str:
+    proto = PROTO_NAMES.get(flow.proto, str(flow.proto))
+    if flow.proto in (6, 17, 132):
+        wrap = (lambda a: f"[{a}]") if flow.family == 6 else (lambda a: a)
+        return f"{proto} {wrap(flow.src)}:{flow.src_port} -> {wrap(flow.dst)}:{flow.dst_port}"
+    return f"{proto} {flow.src} -> {flow.dst}"
+
+
+egress_block = _rule_change_command("block", "egress-block")
+egress_allow = _rule_change_command("allow", "egress-allow")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("container")
+@click.argument("dest", required=False)
+@click.option("--port", type=int, default=None)
+@click.option("--proto", type=_PROTO_CHOICE, default="any", show_default=True)
+@click.option("--all", "remove_all", is_flag=True, help="Remove every rule of the container.")
+@click.option("-v", "--verbose", is_flag=True)
+@reports_errors("egress-unblock")
+def egress_unblock(container: str, dest: str | None, port: int | None, proto: str, remove_all: bool,
+                   verbose: bool) -> None:
+    """Remove a rule (block or allow) that matches exactly, or all of a container's with --all."""
+    if remove_all == (dest is not None):
+        raise UserError("give either DEST (with the rule's --port/--proto) or --all", EXIT_USAGE)
+    check_can_enforce()
+    inventory = DockerInventory(connect_docker()).snapshot()
+    name = resolve_container_name(inventory, container, pending=True)  # rules of a stopped one go too
+    store = RuleStore()
+    removed = store.remove_all(name) if remove_all or dest is None else [store.remove(name, dest, port, proto)]
+    enforce_now(store, inventory, name)
+    for rule in removed:
+        click.echo(f"removed rule {rule.rule_id}: {name} {rule.summary()}")
+    if not removed:
+        click.echo(f"{name} had no rules")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("container", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per rule per line.")
+@reports_errors("egress-rules")
+def egress_rules(container: str | None, as_json: bool) -> None:
+    """Every rule, with its hit counters (packets and bytes it dropped or allowed)."""
+    rules = RuleStore().rules(container)
+    hits = _rule_hits()
+    rows = [rule_row(rule, hits.get(rule.rule_id)) for rule in rules]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    click.echo(format_rules_table(rows))
+
+
+def _rule_hits() -> dict[int, RuleHits]:
+    """Hit counters from the pinned maps, when we may read them and they exist."""
+    try:
+        check_privileges()
+    except UserError:
+        return {}
+    maps = open_pinned_maps()
+    if maps is None:
+        return {}
+    try:
+        return maps.read_rule_hits()
+    finally:
+        maps.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -16,10 +16,12 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import importlib.resources
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
@@ -141,34 +143,113 @@ def ensure_bpffs() -> None:
         )
 
 
-def _pinned_max_entries(path: Path) -> int | None:
-    """max_entries of a pinned map, read from the fdinfo of a BPF_OBJ_GET fd."""
-    if not path.exists():
-        return None
-    fd = _bpf_obj_get(path)
-    try:
-        for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-            if line.startswith("max_entries:"):
-                return int(line.split()[1])
-    finally:
-        os.close(fd)
-    return None
+_SYS_BPF = 321  # x86_64
+_BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_DELETE_ELEM, _BPF_MAP_GET_NEXT_KEY = 1, 2, 3, 4
+_BPF_OBJ_GET = 7
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _bpf_obj_get(path: Path) -> int:
-    bpf_obj_get_cmd = 7
-    sys_bpf = 321  # x86_64
+class _MapElemAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
 
-    class ObjGetAttr(ctypes.Structure):
-        _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32)]
 
-    raw_path = ctypes.create_string_buffer(os.fsencode(path))
-    attr = ObjGetAttr(ctypes.cast(raw_path, ctypes.c_void_p).value or 0, 0, 0)
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(sys_bpf, bpf_obj_get_cmd, ctypes.byref(attr), ctypes.sizeof(attr))
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), f"BPF_OBJ_GET {path}")
-    return fd
+class _ObjGetAttr(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32)]
+
+
+def _sys_bpf(cmd: int, attr: ctypes.Structure) -> int:
+    result = _libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if result < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return result
+
+
+def _address(buffer: ctypes.Array) -> int:  # type: ignore[type-arg]
+    return ctypes.addressof(buffer)
+
+
+class PinnedMap:
+    """A pinned BPF map, by raw syscalls on bytes: no BCC, no compile, works from any process."""
+
+    def __init__(self, path: Path):
+        raw_path = ctypes.create_string_buffer(os.fsencode(path))
+        self.fd = _sys_bpf(_BPF_OBJ_GET, _ObjGetAttr(_address(raw_path), 0, 0))
+        info = dict(
+            line.split(":\t", 1)
+            for line in Path(f"/proc/self/fdinfo/{self.fd}").read_text().splitlines()
+            if ":\t" in line
+        )
+        self.key_size = int(info["key_size"])
+        self.value_size = int(info["value_size"])
+        self.max_entries = int(info["max_entries"])
+        percpu_types = {5, 6, 10}  # percpu hash, percpu array, lru percpu hash
+        self.percpu = int(info["map_type"]) in percpu_types
+        # a per-CPU value is one 8-byte-aligned slot per possible CPU
+        self._read_size = (
+            ((self.value_size + 7) // 8 * 8) * _possible_cpus() if self.percpu else self.value_size
+        )
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def _elem(self, cmd: int, key: bytes, value: ctypes.Array | None = None, flags: int = 0) -> None:  # type: ignore[type-arg]
+        key_buffer = ctypes.create_string_buffer(key, self.key_size)
+        attr = _MapElemAttr(self.fd, 0, _address(key_buffer), _address(value) if value is not None else 0, flags)
+        _sys_bpf(cmd, attr)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        value = ctypes.create_string_buffer(self._read_size)
+        try:
+            self._elem(_BPF_MAP_LOOKUP_ELEM, key, value)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+        return value.raw
+
+    def update(self, key: bytes, value: bytes) -> None:
+        self._elem(_BPF_MAP_UPDATE_ELEM, key, ctypes.create_string_buffer(value, self.value_size))
+
+    def delete(self, key: bytes) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._elem(_BPF_MAP_DELETE_ELEM, key)
+
+    def keys(self) -> list[bytes]:
+        keys: list[bytes] = []
+        current = ctypes.create_string_buffer(self.key_size)
+        following = ctypes.create_string_buffer(self.key_size)
+        attr = _MapElemAttr(self.fd, 0, 0, _address(following), 0)  # key 0: start from the first
+        while len(keys) <= self.max_entries:
+            try:
+                _sys_bpf(_BPF_MAP_GET_NEXT_KEY, attr)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    break
+                raise
+            keys.append(following.raw)
+            ctypes.memmove(current, following, self.key_size)
+            attr.key = _address(current)
+        return keys
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        found = ((key, self.lookup(key)) for key in self.keys())
+        return [(key, value) for key, value in found if value is not None]
+
+
+@functools.cache
+def _possible_cpus() -> int:
+    # "0-3" or "0,2-5": the kernel sizes per-CPU values by possible, not online, CPUs
+    total = 0
+    for part in Path("/sys/devices/system/cpu/possible").read_text().strip().split(","):
+        low, _, high = part.partition("-")
+        total += int(high or low) - int(low) + 1
+    return total
 
 
 @contextlib.contextmanager
@@ -184,36 +265,149 @@ def _stderr_to(path: Path) -> Iterator[None]:
         os.close(saved)
 
 
-class Datapath:
-    """The loaded program and its pinned maps. Use open_datapath() to get one."""
+_ENDPOINT = struct.Struct("=II")  # struct endpoint_info
+_IFINDEX = struct.Struct("=I")
+_IFINDEX_COUNTERS = struct.Struct("=4Q")  # struct ifindex_counters
+_RULE_STATS = struct.Struct("=3Q")  # struct rule_stats
 
-    def __init__(self, flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE, pin_dir: Path = PIN_DIR):
-        self.flow_table_size = flow_table_size
+
+def pins_exist(pin_dir: Path = PIN_DIR) -> bool:
+    return all((pin_dir / name).exists() for name in MAP_PINS)
+
+
+class Maps:
+    """Every pinned map of ours, read and written as bytes laid out as in bpf/egress_maps.h."""
+
+    def __init__(self, pin_dir: Path = PIN_DIR):
         self.pin_dir = pin_dir
-        self._bpf, self._fn = self._load()
-        self.flows = self._bpf["flows"]
-        self.endpoints = self._bpf["endpoints"]
-        self.policy = self._bpf["policy_lpm"]
-        self.rule_stats = self._bpf["rule_stats"]
-        self.ifindex_counters = self._bpf["ifindex_counters"]
-        self.datapath_stats = self._bpf["datapath_stats"]
+        self.flows = PinnedMap(pin_dir / "flows")
+        self.endpoints = PinnedMap(pin_dir / "endpoints")
+        self.policy = PinnedMap(pin_dir / "policy_lpm")
+        self.rule_stats = PinnedMap(pin_dir / "rule_stats")
+        self.ifindex_counters = PinnedMap(pin_dir / "ifindex_counters")
+        self.datapath_stats = PinnedMap(pin_dir / "datapath_stats")
+        self.flow_table_size = self.flows.max_entries
         self._batch_supported = True
 
-    # --- loading -----------------------------------------------------------------
+    def close(self) -> None:
+        for pinned in (self.flows, self.endpoints, self.policy, self.rule_stats, self.ifindex_counters,
+                       self.datapath_stats):
+            pinned.close()
 
-    def _load(self):  # -> (bcc.BPF, bcc function)
+    def read_flows(self) -> FlowTableRead:
+        keys = np.empty(self.flow_table_size, FLOW_KEY_DTYPE)
+        stats = np.empty(self.flow_table_size, FLOW_STATS_DTYPE)
+        count = self._lookup_batch(keys, stats) if self._batch_supported else None
+        if count is None:
+            self._batch_supported = False
+            count = self._lookup_one_by_one(keys, stats)
+        return FlowTableRead(keys[:count], stats[:count], _monotonic_ns())
+
+    def _lookup_batch(self, keys: np.ndarray, stats: np.ndarray) -> int | None:
+        """Chunked BPF_MAP_LOOKUP_BATCH straight into numpy: ~5x faster than BCC's
+        items_lookup_batch, which builds a Python object per entry."""
+        from bcc.libbcc import lib
+
+        in_batch = ctypes.c_uint32(0)
+        out_batch = ctypes.c_uint32(0)
+        total = 0
+        first = True
+        while total < len(keys):
+            count = ctypes.c_uint32(min(BATCH_CHUNK, len(keys) - total))
+            res = lib.bpf_lookup_batch(
+                self.flows.fd,
+                None if first else ctypes.byref(in_batch),
+                ctypes.byref(out_batch),
+                keys[total:].ctypes.data,
+                stats[total:].ctypes.data,
+                ctypes.byref(count),
+            )
+            err = ctypes.get_errno() if res != 0 else 0
+            total += count.value
+            if res != 0:
+                if err == errno.ENOENT:
+                    break
+                if first and err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, 524):
+                    return None
+                raise OSError(err, "BPF_MAP_LOOKUP_BATCH on the flow table")
+            first = False
+            in_batch.value = out_batch.value
+        return total
+
+    def _lookup_one_by_one(self, keys: np.ndarray, stats: np.ndarray) -> int:
+        """For kernels without batch lookups (before 5.6)."""
+        items = self.flows.items()[: len(keys)]
+        for row, (key, value) in enumerate(items):
+            keys[row] = np.frombuffer(key, FLOW_KEY_DTYPE)[0]
+            stats[row] = np.frombuffer(value, FLOW_STATS_DTYPE)[0]
+        return len(items)
+
+    def flows_created(self) -> int:
+        per_cpu = self.datapath_stats.lookup(_IFINDEX.pack(STAT_FLOWS_CREATED)) or b""
+        return sum(struct.unpack(f"={len(per_cpu) // 8}Q", per_cpu))
+
+    def read_ifindex_counters(self) -> dict[int, IfindexCounters]:
+        return {
+            _IFINDEX.unpack(key)[0]: IfindexCounters(*_IFINDEX_COUNTERS.unpack(value))
+            for key, value in self.ifindex_counters.items()
+        }
+
+    def read_rule_hits(self) -> dict[int, RuleHits]:
+        return {_IFINDEX.unpack(key)[0]: RuleHits(*_RULE_STATS.unpack(value)) for key, value in self.rule_stats.items()}
+
+    def set_endpoint(self, ifindex: int, slot: int, has_policy: bool) -> None:
+        self.endpoints.update(_IFINDEX.pack(ifindex), _ENDPOINT.pack(slot, ENDPOINT_F_POLICY if has_policy else 0))
+
+    def forget_endpoints(self, keep: Iterable[int]) -> None:
+        """Drop endpoint entries of veths that are gone (ifindex values get reused)."""
+        keep = set(keep)
+        for key in self.endpoints.keys():
+            if _IFINDEX.unpack(key)[0] not in keep:
+                self.endpoints.delete(key)
+
+    def policy_endpoints(self) -> set[int]:
+        return {
+            _IFINDEX.unpack(key)[0]
+            for key, value in self.endpoints.items()
+            if _ENDPOINT.unpack(value)[1] & ENDPOINT_F_POLICY
+        }
+
+    def sync_policy(self, entries: Iterable[tuple[bytes, bytes]]) -> None:
+        """Make the trie hold exactly these (key bytes, value bytes) entries.
+
+        New entries are written before stale ones are deleted, so a rule being
+        replaced never leaves a gap in which its packets pass."""
+        wanted = dict(entries)
+        for key, value in wanted.items():
+            self.policy.update(key, value)
+        for key in self.policy.keys():
+            if key not in wanted:
+                self.policy.delete(key)
+
+    def policy_entry_count(self) -> int:
+        return len(self.policy.keys())
+
+
+class Datapath(Maps):
+    """The program, loaded by BCC, plus its pinned maps. Use open_datapath() to get one."""
+
+    def __init__(self, flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE, pin_dir: Path = PIN_DIR):
+        self._bpf, self._fn = self._load(flow_table_size, pin_dir)
+        super().__init__(pin_dir)
+
+    @staticmethod
+    def _load(flow_table_size: int, pin_dir: Path):  # -> (bcc.BPF, bcc function)
         ensure_kernel_headers()
-        self.pin_dir.mkdir(parents=True, exist_ok=True)
-        self._drop_mismatched_flow_pin()
+        pin_dir.mkdir(parents=True, exist_ok=True)
+        _drop_mismatched_flow_pin(pin_dir, flow_table_size)
         from bcc import BPF  # imported late: costs ~70 MB and needs root
 
-        source_dir = importlib.resources.files("agent.bpf")
-        source = Path(str(source_dir / "egress.c"))
+        source = Path(str(importlib.resources.files("agent.bpf") / "egress.c"))
         cflags = [
             f"-I{source.parent}",
-            f"-DFLOW_TABLE_SIZE={self.flow_table_size}",
+            f"-DFLOW_TABLE_SIZE={flow_table_size}",
             f"-DPOLICY_TABLE_SIZE={POLICY_TABLE_SIZE}",
-            *(f'-D{macro}="{self.pin_dir / name}"' for name, macro in MAP_PINS.items()),
+            *(f'-D{macro}="{pin_dir / name}"' for name, macro in MAP_PINS.items()),
         ]
         with tempfile.TemporaryDirectory(prefix="egress-top-") as tmp:
             log_path = Path(tmp) / "bcc.log"
@@ -230,19 +424,6 @@ class Datapath:
                     detail="\n".join(lines[-40:]),
                 ) from None
         return bpf, fn
-
-    def _drop_mismatched_flow_pin(self) -> None:
-        """A pinned flow map of another size would be reused silently: replace it."""
-        pinned = _pinned_max_entries(self.pin_dir / "flows")
-        if pinned is not None and pinned != self.flow_table_size:
-            log.warning(
-                "flow table was pinned with %d entries, now %d: starting a new flow table",
-                pinned,
-                self.flow_table_size,
-            )
-            (self.pin_dir / "flows").unlink()
-
-    # --- attach / detach ------------------------------------------------------------
 
     def attach(self, ifindex: int) -> None:
         """Put the program on the veth's ingress hook (the container's egress)."""
@@ -269,105 +450,21 @@ class Datapath:
             )
 
     def close(self) -> None:
+        super().close()
         self._bpf.cleanup()
 
-    # --- maps -------------------------------------------------------------------------
 
-    def read_flows(self) -> FlowTableRead:
-        keys = np.empty(self.flow_table_size, FLOW_KEY_DTYPE)
-        stats = np.empty(self.flow_table_size, FLOW_STATS_DTYPE)
-        count = self._lookup_batch(keys, stats) if self._batch_supported else None
-        if count is None:
-            self._batch_supported = False
-            count = self._lookup_iter(keys, stats)
-        return FlowTableRead(keys[:count], stats[:count], _monotonic_ns())
-
-    def _lookup_batch(self, keys: np.ndarray, stats: np.ndarray) -> int | None:
-        """Chunked BPF_MAP_LOOKUP_BATCH straight into numpy: ~5x faster than BCC's
-        items_lookup_batch, which builds a Python object per entry."""
-        from bcc.libbcc import lib
-
-        fd = self.flows.map_fd
-        in_batch = ctypes.c_uint32(0)
-        out_batch = ctypes.c_uint32(0)
-        total = 0
-        first = True
-        while total < len(keys):
-            count = ctypes.c_uint32(min(BATCH_CHUNK, len(keys) - total))
-            res = lib.bpf_lookup_batch(
-                fd,
-                None if first else ctypes.byref(in_batch),
-                ctypes.byref(out_batch),
-                keys[total:].ctypes.data,
-                stats[total:].ctypes.data,
-                ctypes.byref(count),
-            )
-            err = ctypes.get_errno() if res != 0 else 0
-            total += count.value
-            if res != 0:
-                if err == errno.ENOENT:
-                    break
-                if first and err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, 524):
-                    return None
-                raise OSError(err, "BPF_MAP_LOOKUP_BATCH on the flow table")
-            first = False
-            in_batch.value = out_batch.value
-        return total
-
-    def _lookup_iter(self, keys: np.ndarray, stats: np.ndarray) -> int:
-        count = 0
-        for key, value in self.flows.items():
-            if count == len(keys):
-                break
-            keys[count] = np.frombuffer(bytes(key), FLOW_KEY_DTYPE)[0]
-            stats[count] = np.frombuffer(bytes(value), FLOW_STATS_DTYPE)[0]
-            count += 1
-        return count
-
-    def flows_created(self) -> int:
-        key = self.datapath_stats.Key(STAT_FLOWS_CREATED)
-        return int(sum(self.datapath_stats[key]))
-
-    def read_ifindex_counters(self) -> dict[int, IfindexCounters]:
-        return {
-            int(k.value): IfindexCounters(v.non_ip_packets, v.non_ip_bytes, v.dropped_packets, v.dropped_bytes)
-            for k, v in self.ifindex_counters.items()
-        }
-
-    def read_rule_hits(self) -> dict[int, RuleHits]:
-        return {int(k.value): RuleHits(v.packets, v.bytes, v.last_hit_ns) for k, v in self.rule_stats.items()}
-
-    def set_endpoint(self, ifindex: int, slot: int, has_policy: bool) -> None:
-        key = self.endpoints.Key(ifindex)
-        self.endpoints[key] = self.endpoints.Leaf(slot, ENDPOINT_F_POLICY if has_policy else 0)
-
-    def forget_endpoints(self, keep: Iterable[int]) -> None:
-        """Drop endpoint entries of veths that are gone (ifindex values get reused)."""
-        keep = set(keep)
-        for key in list(self.endpoints.keys()):
-            if int(key.value) not in keep:
-                with contextlib.suppress(KeyError):
-                    del self.endpoints[key]
-
-    def policy_endpoints(self) -> set[int]:
-        return {int(k.value) for k, v in self.endpoints.items() if v.flags & ENDPOINT_F_POLICY}
-
-    def sync_policy(self, entries: Iterable[tuple[bytes, bytes]]) -> None:
-        """Make the trie hold exactly these (key bytes, value bytes) entries.
-
-        New entries are written before stale ones are deleted, so a rule being
-        replaced never leaves a gap in which its packets pass."""
-        wanted = dict(entries)
-        trie = self.policy
-        for key, value in wanted.items():
-            trie[trie.Key.from_buffer_copy(key)] = trie.Leaf.from_buffer_copy(value)
-        for key in list(trie.keys()):
-            if bytes(key) not in wanted:
-                with contextlib.suppress(KeyError):
-                    del trie[key]
-
-    def policy_entry_count(self) -> int:
-        return sum(1 for _ in self.policy.keys())
+def _drop_mismatched_flow_pin(pin_dir: Path, flow_table_size: int) -> None:
+    """A pinned flow map of another size would be reused silently: replace it."""
+    path = pin_dir / "flows"
+    if not path.exists():
+        return
+    pinned = PinnedMap(path)
+    size = pinned.max_entries
+    pinned.close()
+    if size != flow_table_size:
+        log.warning("flow table was pinned with %d entries, now %d: starting a new flow table", size, flow_table_size)
+        path.unlink()
 
 
 def _monotonic_ns() -> int:
@@ -431,7 +528,9 @@ def detach(ifindex: int) -> None:
 
 
 @contextlib.contextmanager
-def _run_lock() -> Iterator[None]:
+def exclusive() -> Iterator[None]:
+    """Serialises attach/detach, policy syncs and holder changes across our processes:
+    two writers syncing the trie from different store versions would undo each other."""
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     with open(RUN_DIR / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -450,13 +549,22 @@ def _live_holders() -> list[int]:
     return live
 
 
+def open_pinned_maps() -> Maps | None:
+    """The maps a running (or departed) datapath left pinned, without compiling anything."""
+    try:
+        return Maps() if pins_exist() else None
+    except OSError as exc:
+        log.debug("pinned maps unusable: %s", exc)
+        return None
+
+
 @contextlib.contextmanager
 def open_datapath(flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE) -> Iterator[Datapath]:
     """Load (or reuse the pins of) the datapath for the life of the with-block."""
     check_privileges()
     ensure_bpffs()
     holder = RUN_DIR / "holders" / str(os.getpid())
-    with _run_lock():
+    with exclusive():
         holder.parent.mkdir(parents=True, exist_ok=True)
         holder.touch()
     datapath = None
@@ -464,22 +572,31 @@ def open_datapath(flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE) -> Iterator[Da
         datapath = Datapath(flow_table_size)
         yield datapath
     finally:
-        with _run_lock():
+        with exclusive():
             holder.unlink(missing_ok=True)
-            if not _live_holders():
-                release_unenforced(datapath)
+        release_if_unheld(datapath)
         if datapath is not None:
             datapath.close()
 
 
-def release_unenforced(datapath: Datapath | None) -> None:
-    """Last one out: keep only what enforces a rule attached; unpin when no rule is left."""
-    enforced = datapath.policy_endpoints() if datapath is not None else set()
-    for ifindex in our_filters():
-        if ifindex not in enforced:
-            detach(ifindex)
-    if datapath is None or (not enforced and datapath.policy_entry_count() == 0):
-        remove_pins()
+def release_if_unheld(maps: Maps | None) -> None:
+    """Last one out turns off the lights: with no process holding the datapath, keep
+    attached only the veths that enforce a rule, and unpin when no rule is left."""
+    with exclusive():
+        if _live_holders():
+            return
+        own_maps = maps is None
+        maps = maps or open_pinned_maps()  # a failed load must not undo enforcement left pinned
+        try:
+            enforced = maps.policy_endpoints() if maps is not None else set()
+            for ifindex in our_filters():
+                if ifindex not in enforced:
+                    detach(ifindex)
+            if maps is None or (not enforced and maps.policy_entry_count() == 0):
+                remove_pins()
+        finally:
+            if own_maps and maps is not None:
+                maps.close()
 
 
 def remove_pins() -> None:
@@ -490,7 +607,7 @@ def remove_pins() -> None:
 def cleanup_everything() -> list[str]:
     """egress-agent cleanup: every attachment, pin and map of ours, whatever holds them."""
     removed = []
-    with _run_lock():
+    with exclusive():
         for ifindex, name in our_filters().items():
             detach(ifindex)
             removed.append(f"filter on {name}")

@@ -10,29 +10,23 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 
 import docker
 
 from agent.datapath import Datapath
+from agent.enforcement import Enforcer
 from agent.flows import FlowAggregator, TableRead
 from agent.inventory import DockerInventory, InventoryWatcher, bridge_veths
-from agent.model import Container, Inventory, Snapshot
+from agent.model import Inventory, Snapshot
+from agent.policy import RuleStore
 
 log = logging.getLogger(__name__)
 
-# (slot, has_policy) for a container; the policy layer provides the real one.
-PolicySlots = Callable[[Container], tuple[int, bool]]
-
-
-def no_policy(_container: Container) -> tuple[int, bool]:
-    return 0, False
-
 
 class Monitor:
-    def __init__(self, datapath: Datapath, client: docker.DockerClient, policy_slots: PolicySlots = no_policy):
+    def __init__(self, datapath: Datapath, client: docker.DockerClient, store: RuleStore):
         self.datapath = datapath
-        self.policy_slots = policy_slots
+        self.enforcer = Enforcer(datapath, store)
         self.aggregator = FlowAggregator()
         self._attached: set[int] = set()
         self._lock = threading.Lock()
@@ -58,7 +52,7 @@ class Monitor:
             self._attached.add(ifindex)
 
     def sync(self, inventory: Inventory) -> None:
-        """Attach what is new, tell the datapath each veth's slot, forget vanished veths."""
+        """Attach what is new, give each veth its rules, forget vanished veths."""
         present = bridge_veths(inventory.bridges)
         with self._lock:
             self._attached &= set(present)  # a vanished veth took its filter with it
@@ -67,13 +61,11 @@ class Monitor:
                 self.attach(ifindex)
             except Exception as exc:  # the veth may vanish between listing and attaching
                 log.debug("attach to %s failed: %s", present[ifindex], exc)
-        for container in inventory.containers:
-            slot, has_policy = self.policy_slots(container)
-            for endpoint in container.endpoints:
-                self.datapath.set_endpoint(endpoint.ifindex, slot, has_policy)
         self.datapath.forget_endpoints(keep=present)
+        self.enforcer.on_inventory(inventory)
 
     def poll(self) -> Snapshot:
+        self.enforcer.tick()
         read = self.datapath.read_flows()
         counters = self.datapath.read_ifindex_counters()
         return self.aggregator.update(
