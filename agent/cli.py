@@ -32,6 +32,7 @@ from agent.datapath import (
     open_pinned_maps,
 )
 from agent.enforcement import (
+    NAME_REFRESH_SECONDS,
     check_can_enforce,
     enforce_now,
     flows_of,
@@ -205,7 +206,19 @@ def _run_tui(
 
 # --- rules ---------------------------------------------------------------------------
 
-_PROTO_CHOICE = click.Choice(["tcp", "udp", "icmp", "any"])
+# Port and protocol arrive as text and are checked by the policy layer, so a bad
+# value gets the same one-line error as a bad destination (not click's usage text).
+_PORT_HELP = "Destination port 1-65535 (tcp/udp; with --proto any: both)."
+_PROTO_HELP = "tcp, udp, icmp (ICMPv6 towards IPv6) or any."
+
+
+def _port(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"port {text!r} is not a number: use 1-65535", EXIT_USAGE) from None
 
 
 def _rule_change_command(action: str, prog: str) -> click.Command:
@@ -214,26 +227,27 @@ def _rule_change_command(action: str, prog: str) -> click.Command:
     @click.command(name=prog, context_settings={"help_option_names": ["-h", "--help"]})
     @click.argument("container")
     @click.argument("dest")
-    @click.option("--port", type=int, default=None, help="Destination port (tcp/udp; with proto any: both).")
-    @click.option("--proto", type=_PROTO_CHOICE, default="any", show_default=True)
+    @click.option("--port", default=None, help=_PORT_HELP)
+    @click.option("--proto", default="any", show_default=True, help=_PROTO_HELP)
     @click.option("--pending", is_flag=True, help="Keep the rule for a container that does not exist yet.")
     @click.option("--dry-run", is_flag=True, help="Show which current flows the rule would change; change nothing.")
     @click.option("-v", "--verbose", is_flag=True)
     @reports_errors(prog)
-    def command(container: str, dest: str, port: int | None, proto: str, pending: bool, dry_run: bool,
+    def command(container: str, dest: str, port: str | None, proto: str, pending: bool, dry_run: bool,
                 verbose: bool) -> None:
+        port_number = _port(port)
         store = RuleStore()
         if dry_run:
             check_privileges()
             inventory = DockerInventory(connect_docker()).snapshot()
             name = resolve_container_name(inventory, container, pending)
-            _print_dry_run(store, inventory, name, dest, action, port, proto)
+            _print_dry_run(store, inventory, name, dest, action, port_number, proto)
             return
         check_can_enforce()
         inventory = DockerInventory(connect_docker()).snapshot()
         name = resolve_container_name(inventory, container, pending)
         rule, replaced = store.add(
-            name, dest, action=action, port=port, proto=proto, pending=inventory.find(name) is None
+            name, dest, action=action, port=port_number, proto=proto, pending=inventory.find(name) is None
         )
         enforce_now(store, inventory, name)
         verb = "replaced" if replaced else "added"
@@ -284,12 +298,12 @@ egress_allow = _rule_change_command("allow", "egress-allow")
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("container")
 @click.argument("dest", required=False)
-@click.option("--port", type=int, default=None)
-@click.option("--proto", type=_PROTO_CHOICE, default="any", show_default=True)
+@click.option("--port", default=None, help=_PORT_HELP)
+@click.option("--proto", default="any", show_default=True, help=_PROTO_HELP)
 @click.option("--all", "remove_all", is_flag=True, help="Remove every rule of the container.")
 @click.option("-v", "--verbose", is_flag=True)
 @reports_errors("egress-unblock")
-def egress_unblock(container: str, dest: str | None, port: int | None, proto: str, remove_all: bool,
+def egress_unblock(container: str, dest: str | None, port: str | None, proto: str, remove_all: bool,
                    verbose: bool) -> None:
     """Remove a rule (block or allow) that matches exactly, or all of a container's with --all."""
     if remove_all == (dest is not None):
@@ -298,7 +312,7 @@ def egress_unblock(container: str, dest: str | None, port: int | None, proto: st
     inventory = DockerInventory(connect_docker()).snapshot()
     name = resolve_container_name(inventory, container, pending=True)  # rules of a stopped one go too
     store = RuleStore()
-    removed = store.remove_all(name) if remove_all or dest is None else [store.remove(name, dest, port, proto)]
+    removed = store.remove_all(name) if remove_all or dest is None else [store.remove(name, dest, _port(port), proto)]
     enforce_now(store, inventory, name)
     for rule in removed:
         click.echo(f"removed rule {rule.rule_id}: {name} {rule.summary()}")
@@ -350,3 +364,38 @@ def cleanup(verbose: bool) -> None:
     check_privileges()
     for item in cleanup_everything() or ["nothing of ours was attached or pinned"]:
         click.echo(f"removed {item}" if not item.startswith("nothing") else item)
+
+
+@egress_agent.command()
+@click.option("-i", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between flow-table reads.")
+@click.option("--export", "export_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Append NDJSON flow records to this file ('-' for stdout).")
+@click.option("--flow-table-size", type=click.IntRange(min=1024), default=DEFAULT_FLOW_TABLE_SIZE,
+              show_default=True)
+@click.option("--resolve-every", type=click.FloatRange(min=0.5), default=NAME_REFRESH_SECONDS, show_default=True,
+              help="Seconds between re-resolutions of host-name rules.")
+@click.option("-v", "--verbose", is_flag=True)
+@reports_errors("egress-agent")
+def run(interval: float, export_path: str | None, flow_table_size: int, resolve_every: float,
+        verbose: bool) -> None:
+    """Attach to every container as it starts, enforce rules, re-resolve names, export flows."""
+    check_privileges()
+    client = connect_docker()
+    store = RuleStore()
+    store.load()
+    with _sigterm_exits(), open_datapath(flow_table_size) as datapath:
+        monitor = Monitor(datapath, client, store, name_refresh_seconds=resolve_every)
+        monitor.start()
+        out = None if export_path is None else sys.stdout if export_path == "-" else open(export_path, "a")  # noqa: SIM115
+        try:
+            for _ in _intervals(interval, None):
+                snapshot = monitor.poll()
+                if out is not None:
+                    write_ndjson(snapshot, out)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            monitor.stop()
+            if out is not None and out is not sys.stdout:
+                out.close()

@@ -14,7 +14,7 @@ import threading
 import docker
 
 from agent.datapath import Datapath
-from agent.enforcement import Enforcer
+from agent.enforcement import NAME_REFRESH_SECONDS, Enforcer
 from agent.flows import FlowAggregator, TableRead
 from agent.inventory import DockerInventory, InventoryWatcher, bridge_veths
 from agent.model import Inventory, Snapshot
@@ -24,9 +24,15 @@ log = logging.getLogger(__name__)
 
 
 class Monitor:
-    def __init__(self, datapath: Datapath, client: docker.DockerClient, store: RuleStore):
+    def __init__(
+        self,
+        datapath: Datapath,
+        client: docker.DockerClient,
+        store: RuleStore,
+        name_refresh_seconds: float = NAME_REFRESH_SECONDS,
+    ):
         self.datapath = datapath
-        self.enforcer = Enforcer(datapath, store)
+        self.enforcer = Enforcer(datapath, store, name_refresh_seconds=name_refresh_seconds)
         self.aggregator = FlowAggregator()
         self._attached: set[int] = set()
         self._lock = threading.Lock()
