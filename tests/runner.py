@@ -22,6 +22,13 @@ SCHEMA = json.loads((files("agent.schema") / "flow-record.v1.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
 
+def veth_ifindexes(pid: int) -> set[int]:
+    """Host-side veth ifindex of each interface in a container's netns (its IFLA_LINK)."""
+    from agent.inventory import _netns_links
+
+    return {peer for _name, _mac, peer in _netns_links(pid)}
+
+
 def validate(record: dict[str, Any]) -> dict[str, Any]:
     VALIDATOR.validate(record)
     return record

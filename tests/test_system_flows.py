@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from lab import UPSTREAM_V4, UPSTREAM_V6, Lab, wait_until
 from runner import EgressTop, run_cli
+from runner import veth_ifindexes as container_veths
 
 from agent.datapath import PIN_DIR, our_filters
 
@@ -22,10 +23,7 @@ IPV6_UDP_OVERHEAD = 48
 
 
 def veth_ifindexes(lab: Lab, container) -> set[int]:  # type: ignore[no-untyped-def]
-    """Host-side veth ifindex of each interface of the container (its iflink, via netlink)."""
-    from agent.inventory import _netns_links
-
-    return {peer for _name, _mac, peer in _netns_links(lab.pid(container))}
+    return container_veths(lab.pid(container))
 
 
 @pytest.fixture(autouse=True)
