@@ -17,8 +17,8 @@ import signal
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -43,9 +43,9 @@ from agent.errors import EXIT_USAGE, UserError
 from agent.export import write_ndjson
 from agent.inventory import DockerInventory, connect_docker, require_containers
 from agent.model import PROTO_NAMES, FlowKey, Inventory, Snapshot
-from agent.rules_view import format_rules_table, rule_row
 from agent.monitor import Monitor
 from agent.policy import RuleStore
+from agent.rules_view import format_rules_table, rule_row
 
 SORT_KEYS = ("rate", "bytes", "packets", "flows", "drops", "name")
 
@@ -113,18 +113,48 @@ def _intervals(interval: float, count: int | None) -> Iterator[int]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Write NDJSON flow records to stdout (schema v1).")
-@click.option("-i", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
-              help="Seconds between refreshes.")
-@click.option("-n", "--count", type=click.IntRange(min=1), default=None,
-              help="Exit after N refreshes (default: run until q, Ctrl-C or SIGTERM).")
-@click.option("-c", "--container", "containers", multiple=True, metavar="NAME",
-              help="Only this container (name, compose service or id prefix); repeatable.")
-@click.option("--sort", type=click.Choice(SORT_KEYS), default="rate", show_default=True, help="Sort containers by.")
-@click.option("--flows", "flows_per_container", type=click.IntRange(min=0), default=5, show_default=True,
-              help="Flows shown under each container.")
+@click.option(
+    "-i",
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@click.option(
+    "-n",
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Exit after N refreshes (default: run until q, Ctrl-C or SIGTERM).",
+)
+@click.option(
+    "-c",
+    "--container",
+    "containers",
+    multiple=True,
+    metavar="NAME",
+    help="Only this container (name, compose service or id prefix); repeatable.",
+)
+@click.option(
+    "--sort", type=click.Choice(SORT_KEYS), default="rate", show_default=True, help="Sort containers by."
+)
+@click.option(
+    "--flows",
+    "flows_per_container",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Flows shown under each container.",
+)
 @click.option("--no-color", is_flag=True, help="No colour (NO_COLOR is honoured too).")
-@click.option("--flow-table-size", type=click.IntRange(min=1024), default=DEFAULT_FLOW_TABLE_SIZE,
-              show_default=True, help="Flows the datapath tracks; the oldest are evicted beyond it.")
+@click.option(
+    "--flow-table-size",
+    type=click.IntRange(min=1024),
+    default=DEFAULT_FLOW_TABLE_SIZE,
+    show_default=True,
+    help="Flows the datapath tracks; the oldest are evicted beyond it.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logs, and the verifier log when a load fails.")
 @reports_errors("egress-top")
 def egress_top(
@@ -230,11 +260,14 @@ def _rule_change_command(action: str, prog: str) -> click.Command:
     @click.option("--port", default=None, help=_PORT_HELP)
     @click.option("--proto", default="any", show_default=True, help=_PROTO_HELP)
     @click.option("--pending", is_flag=True, help="Keep the rule for a container that does not exist yet.")
-    @click.option("--dry-run", is_flag=True, help="Show which current flows the rule would change; change nothing.")
+    @click.option(
+        "--dry-run", is_flag=True, help="Show which current flows the rule would change; change nothing."
+    )
     @click.option("-v", "--verbose", is_flag=True)
     @reports_errors(prog)
-    def command(container: str, dest: str, port: str | None, proto: str, pending: bool, dry_run: bool,
-                verbose: bool) -> None:
+    def command(
+        container: str, dest: str, port: str | None, proto: str, pending: bool, dry_run: bool, verbose: bool
+    ) -> None:
         port_number = _port(port)
         store = RuleStore()
         if dry_run:
@@ -258,13 +291,16 @@ def _rule_change_command(action: str, prog: str) -> click.Command:
     return command
 
 
-def _print_dry_run(store: RuleStore, inventory: Inventory, name: str, dest: str, action: str,
-                   port: int | None, proto: str) -> None:
+def _print_dry_run(
+    store: RuleStore, inventory: Inventory, name: str, dest: str, action: str, port: int | None, proto: str
+) -> None:
     """Apply the change to a scratch copy of the store and compare each live flow's fate."""
     container = inventory.find(name)
     maps = open_pinned_maps()
     if container is None or maps is None:
-        click.echo(f"no flows of {name} observed now (egress-top or the agent is not running): nothing to compare")
+        click.echo(
+            f"no flows of {name} observed now (egress-top or the agent is not running): nothing to compare"
+        )
         return
     try:
         flows = flows_of(maps, container)
@@ -278,9 +314,13 @@ def _print_dry_run(store: RuleStore, inventory: Inventory, name: str, dest: str,
         scratch_store.add(name, dest, action=action, port=port, proto=proto)
         after = scratch_store.rules(name)
     changes = verdict_changes(before, after, flows)
-    click.echo(f"dry run: {len(changes)} of {len(flows)} current flows of {name} would change; nothing was changed")
+    click.echo(
+        f"dry run: {len(changes)} of {len(flows)} current flows of {name} would change; nothing was changed"
+    )
     for flow, was, becomes in changes:
-        click.echo(f"  {'cut' if becomes == 'dropped' else 'let through'}: {format_flow(flow)} ({was} -> {becomes})")
+        click.echo(
+            f"  {'cut' if becomes == 'dropped' else 'let through'}: {format_flow(flow)} ({was} -> {becomes})"
+        )
 
 
 def format_flow(flow: FlowKey) -> str:
@@ -303,8 +343,9 @@ egress_allow = _rule_change_command("allow", "egress-allow")
 @click.option("--all", "remove_all", is_flag=True, help="Remove every rule of the container.")
 @click.option("-v", "--verbose", is_flag=True)
 @reports_errors("egress-unblock")
-def egress_unblock(container: str, dest: str | None, port: str | None, proto: str, remove_all: bool,
-                   verbose: bool) -> None:
+def egress_unblock(
+    container: str, dest: str | None, port: str | None, proto: str, remove_all: bool, verbose: bool
+) -> None:
     """Remove a rule (block or allow) that matches exactly, or all of a container's with --all."""
     if remove_all == (dest is not None):
         raise UserError("give either DEST (with the rule's --port/--proto) or --all", EXIT_USAGE)
@@ -312,7 +353,11 @@ def egress_unblock(container: str, dest: str | None, port: str | None, proto: st
     inventory = DockerInventory(connect_docker()).snapshot()
     name = resolve_container_name(inventory, container, pending=True)  # rules of a stopped one go too
     store = RuleStore()
-    removed = store.remove_all(name) if remove_all or dest is None else [store.remove(name, dest, _port(port), proto)]
+    removed = (
+        store.remove_all(name)
+        if remove_all or dest is None
+        else [store.remove(name, dest, _port(port), proto)]
+    )
     enforce_now(store, inventory, name)
     for rule in removed:
         click.echo(f"removed rule {rule.rule_id}: {name} {rule.summary()}")
@@ -367,18 +412,36 @@ def cleanup(verbose: bool) -> None:
 
 
 @egress_agent.command()
-@click.option("-i", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
-              help="Seconds between flow-table reads.")
-@click.option("--export", "export_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
-              help="Append NDJSON flow records to this file ('-' for stdout).")
-@click.option("--flow-table-size", type=click.IntRange(min=1024), default=DEFAULT_FLOW_TABLE_SIZE,
-              show_default=True)
-@click.option("--resolve-every", type=click.FloatRange(min=0.5), default=NAME_REFRESH_SECONDS, show_default=True,
-              help="Seconds between re-resolutions of host-name rules.")
+@click.option(
+    "-i",
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between flow-table reads.",
+)
+@click.option(
+    "--export",
+    "export_path",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default=None,
+    help="Append NDJSON flow records to this file ('-' for stdout).",
+)
+@click.option(
+    "--flow-table-size", type=click.IntRange(min=1024), default=DEFAULT_FLOW_TABLE_SIZE, show_default=True
+)
+@click.option(
+    "--resolve-every",
+    type=click.FloatRange(min=0.5),
+    default=NAME_REFRESH_SECONDS,
+    show_default=True,
+    help="Seconds between re-resolutions of host-name rules.",
+)
 @click.option("-v", "--verbose", is_flag=True)
 @reports_errors("egress-agent")
-def run(interval: float, export_path: str | None, flow_table_size: int, resolve_every: float,
-        verbose: bool) -> None:
+def run(
+    interval: float, export_path: str | None, flow_table_size: int, resolve_every: float, verbose: bool
+) -> None:
     """Attach to every container as it starts, enforce rules, re-resolve names, export flows."""
     check_privileges()
     client = connect_docker()

@@ -116,9 +116,7 @@ def check_privileges() -> None:
     cap_net_admin, cap_sys_admin, cap_bpf = 12, 21, 39
     has_bpf = bool(caps & (1 << cap_bpf)) or bool(caps & (1 << cap_sys_admin))
     if not has_bpf or not caps & (1 << cap_net_admin):
-        raise UserError(
-            "needs root (CAP_BPF and CAP_NET_ADMIN): run it with sudo", EXIT_PERMISSION
-        )
+        raise UserError("needs root (CAP_BPF and CAP_NET_ADMIN): run it with sudo", EXIT_PERMISSION)
 
 
 def _effective_capabilities() -> int:
@@ -133,12 +131,15 @@ def ensure_bpffs() -> None:
         return
     try:
         BPFFS.mkdir(parents=True, exist_ok=True)
-        mounted = subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], capture_output=True).returncode == 0
+        mounted = (
+            subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], capture_output=True).returncode == 0
+        )
     except OSError:
         mounted = False
     if not mounted or not os.path.ismount(BPFFS):
         raise UserError(
-            f"cannot mount bpffs at {BPFFS}: run 'mount -t bpf bpf {BPFFS}' (the kernel needs CONFIG_BPF_SYSCALL)",
+            f"cannot mount bpffs at {BPFFS}: run 'mount -t bpf bpf {BPFFS}' "
+            "(the kernel needs CONFIG_BPF_SYSCALL)",
             EXIT_KERNEL,
         )
 
@@ -200,7 +201,9 @@ class PinnedMap:
 
     def _elem(self, cmd: int, key: bytes, value: ctypes.Array | None = None, flags: int = 0) -> None:  # type: ignore[type-arg]
         key_buffer = ctypes.create_string_buffer(key, self.key_size)
-        attr = _MapElemAttr(self.fd, 0, _address(key_buffer), _address(value) if value is not None else 0, flags)
+        attr = _MapElemAttr(
+            self.fd, 0, _address(key_buffer), _address(value) if value is not None else 0, flags
+        )
         _sys_bpf(cmd, attr)
 
     def lookup(self, key: bytes) -> bytes | None:
@@ -220,7 +223,7 @@ class PinnedMap:
         with contextlib.suppress(FileNotFoundError):
             self._elem(_BPF_MAP_DELETE_ELEM, key)
 
-    def keys(self) -> list[bytes]:
+    def list_keys(self) -> list[bytes]:
         keys: list[bytes] = []
         current = ctypes.create_string_buffer(self.key_size)
         following = ctypes.create_string_buffer(self.key_size)
@@ -238,7 +241,7 @@ class PinnedMap:
         return keys
 
     def items(self) -> list[tuple[bytes, bytes]]:
-        found = ((key, self.lookup(key)) for key in self.keys())
+        found = ((key, self.lookup(key)) for key in self.list_keys())
         return [(key, value) for key, value in found if value is not None]
 
 
@@ -290,8 +293,14 @@ class Maps:
         self._batch_supported = True
 
     def close(self) -> None:
-        for pinned in (self.flows, self.endpoints, self.policy, self.rule_stats, self.ifindex_counters,
-                       self.datapath_stats):
+        for pinned in (
+            self.flows,
+            self.endpoints,
+            self.policy,
+            self.rule_stats,
+            self.ifindex_counters,
+            self.datapath_stats,
+        ):
             pinned.close()
 
     def read_flows(self) -> FlowTableRead:
@@ -353,15 +362,20 @@ class Maps:
         }
 
     def read_rule_hits(self) -> dict[int, RuleHits]:
-        return {_IFINDEX.unpack(key)[0]: RuleHits(*_RULE_STATS.unpack(value)) for key, value in self.rule_stats.items()}
+        return {
+            _IFINDEX.unpack(key)[0]: RuleHits(*_RULE_STATS.unpack(value))
+            for key, value in self.rule_stats.items()
+        }
 
     def set_endpoint(self, ifindex: int, slot: int, has_policy: bool) -> None:
-        self.endpoints.update(_IFINDEX.pack(ifindex), _ENDPOINT.pack(slot, ENDPOINT_F_POLICY if has_policy else 0))
+        self.endpoints.update(
+            _IFINDEX.pack(ifindex), _ENDPOINT.pack(slot, ENDPOINT_F_POLICY if has_policy else 0)
+        )
 
     def forget_endpoints(self, keep: Iterable[int]) -> None:
         """Drop endpoint entries of veths that are gone (ifindex values get reused)."""
         keep = set(keep)
-        for key in self.endpoints.keys():
+        for key in self.endpoints.list_keys():
             if _IFINDEX.unpack(key)[0] not in keep:
                 self.endpoints.delete(key)
 
@@ -380,12 +394,12 @@ class Maps:
         wanted = dict(entries)
         for key, value in wanted.items():
             self.policy.update(key, value)
-        for key in self.policy.keys():
+        for key in self.policy.list_keys():
             if key not in wanted:
                 self.policy.delete(key)
 
     def policy_entry_count(self) -> int:
-        return len(self.policy.keys())
+        return len(self.policy.list_keys())
 
 
 class Datapath(Maps):
@@ -419,7 +433,8 @@ class Datapath(Maps):
                 lines = log_path.read_text(errors="replace").strip().splitlines()
                 reason = next((line for line in lines if "error" in line.lower()), str(exc))
                 raise UserError(
-                    f"the kernel refused the BPF program ({reason.strip()}): run with --verbose for the full log",
+                    f"the kernel refused the BPF program ({reason.strip()}): "
+                    "run with --verbose for the full log",
                     EXIT_KERNEL,
                     detail="\n".join(lines[-40:]),
                 ) from None
@@ -463,7 +478,9 @@ def _drop_mismatched_flow_pin(pin_dir: Path, flow_table_size: int) -> None:
     size = pinned.max_entries
     pinned.close()
     if size != flow_table_size:
-        log.warning("flow table was pinned with %d entries, now %d: starting a new flow table", size, flow_table_size)
+        log.warning(
+            "flow table was pinned with %d entries, now %d: starting a new flow table", size, flow_table_size
+        )
         path.unlink()
 
 
@@ -506,7 +523,9 @@ def detach(ifindex: int) -> None:
     gone = (errno.ENODEV, errno.ENOENT, errno.EINVAL)
     with IPRoute() as ipr:
         try:
-            ipr.tc("del-filter", "bpf", ifindex, TC_FILTER_HANDLE, parent=TC_INGRESS_PARENT, prio=TC_FILTER_PRIO)
+            ipr.tc(
+                "del-filter", "bpf", ifindex, TC_FILTER_HANDLE, parent=TC_INGRESS_PARENT, prio=TC_FILTER_PRIO
+            )
         except NetlinkError as exc:
             if exc.code not in gone:
                 raise

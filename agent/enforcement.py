@@ -35,11 +35,15 @@ NAME_REFRESH_SECONDS = 60.0
 
 def apply_rules(maps: Maps, contents: StoreContents, containers: Iterable[Container]) -> None:
     """Write the store's rules into the trie and tag each container veth with its slot."""
-    maps.sync_policy((entry.key_bytes(), entry.value_bytes()) for entry in lpm_entries(contents.rules, contents.slots))
+    maps.sync_policy(
+        (entry.key_bytes(), entry.value_bytes()) for entry in lpm_entries(contents.rules, contents.slots)
+    )
     ruled = {rule.container for rule in contents.rules}
     for container in containers:
         for endpoint in container.endpoints:
-            maps.set_endpoint(endpoint.ifindex, contents.slots.get(container.name, 0), container.name in ruled)
+            maps.set_endpoint(
+                endpoint.ifindex, contents.slots.get(container.name, 0), container.name in ruled
+            )
 
 
 def sync(maps: Maps, store: RuleStore, inventory: Inventory) -> StoreContents:
@@ -157,7 +161,9 @@ def flows_of(maps: Maps, container: Container) -> list[FlowKey]:
     return keys
 
 
-def verdict_changes(rules_before: list[Rule], rules_after: list[Rule], flows: list[FlowKey]) -> list[tuple[FlowKey, str, str]]:
+def verdict_changes(
+    rules_before: list[Rule], rules_after: list[Rule], flows: list[FlowKey]
+) -> list[tuple[FlowKey, str, str]]:
     """(flow, before, after) for each flow whose fate the change would alter."""
     changes = []
     for flow in flows:

@@ -25,7 +25,9 @@ def rfc3339(timestamp: float) -> str:
 
 def flow_record(flow: Flow, snapshot: Snapshot) -> dict[str, Any]:
     key, counters, container = flow.key, flow.counters, flow.container
-    endpoint = next((ep for ep in container.endpoints if ep.ifindex == key.ifindex), None) if container else None
+    endpoint = (
+        next((ep for ep in container.endpoints if ep.ifindex == key.ifindex), None) if container else None
+    )
     has_ports = key.proto in PORT_PROTOCOLS
     is_icmp = key.proto in ICMP_PROTOCOLS
     return {

@@ -53,7 +53,9 @@ def format_address(family: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw)
 
 
-def classify_destination(dst: str, inventory: Inventory, by_address: Mapping[str, Container]) -> tuple[DstKind, str | None]:
+def classify_destination(
+    dst: str, inventory: Inventory, by_address: Mapping[str, Container]
+) -> tuple[DstKind, str | None]:
     """Where a destination is, from the host's point of view (decided here, not in the UI)."""
     container = by_address.get(dst)
     if container is not None:
@@ -83,9 +85,7 @@ class FlowAggregator:
     def update(self, read: TableRead, inventory: Inventory) -> Snapshot:
         keys, stats = read.keys, read.stats
         key_bytes = keys.view(f"S{keys.dtype.itemsize}").ravel().tolist() if len(keys) else []
-        interval = (
-            (read.monotonic_ns - self._previous_ns) / 1e9 if self._previous_ns is not None else 0.0
-        )
+        interval = (read.monotonic_ns - self._previous_ns) / 1e9 if self._previous_ns is not None else 0.0
         deltas = self._deltas(key_bytes, stats)
         self._previous = {kb: row for row, kb in enumerate(key_bytes)}
         self._previous_stats = stats.copy()
@@ -214,7 +214,9 @@ class FlowAggregator:
                 packets_total=packets_total[number],
                 bytes_delta=bytes_delta[number],
                 packets_delta=packets_delta[number],
-                dropped_packets_total=sum(read.dropped_by_ifindex.get(ep.ifindex, 0) for ep in container.endpoints),
+                dropped_packets_total=sum(
+                    read.dropped_by_ifindex.get(ep.ifindex, 0) for ep in container.endpoints
+                ),
                 dropped_packets_delta=dropped_delta[number],
                 active_flows=active[number],
                 rate_history=tuple(history),

@@ -74,12 +74,16 @@ def ensure_kernel_headers(
     _replace_symlink(build, tree.build)
     if tree.source is not None:
         _replace_symlink(moddir / "source", tree.source)
-    log.warning("no headers packaged for kernel %s: using %s (UAPI headers suffice)", release, tree.build.name)
+    log.warning(
+        "no headers packaged for kernel %s: using %s (UAPI headers suffice)", release, tree.build.name
+    )
 
 
 def _replace_symlink(link: Path, target: Path) -> None:
     if link.is_symlink():
         link.unlink()
     elif link.exists():
-        raise UserError(f"{link} exists but has no kernel headers: remove it or set BCC_KERNEL_SOURCE", EXIT_KERNEL)
+        raise UserError(
+            f"{link} exists but has no kernel headers: remove it or set BCC_KERNEL_SOURCE", EXIT_KERNEL
+        )
     link.symlink_to(target)

@@ -44,7 +44,8 @@ def connect_docker() -> docker.DockerClient:
         client.ping()
     except Exception as exc:
         raise UserError(
-            f"Docker engine not reachable at {target} ({type(exc).__name__}): start dockerd or set DOCKER_HOST",
+            f"Docker engine not reachable at {target} ({type(exc).__name__}): "
+            "start dockerd or set DOCKER_HOST",
             EXIT_DOCKER,
         ) from None
     return client
@@ -205,8 +206,11 @@ class DockerInventory:
         bridges: dict[str, str],
         host_links: dict[int, tuple[str, str]],
     ) -> tuple[Endpoint, ...]:
-        bridged = {settings.get("MacAddress", "").lower(): (name, settings) for name, settings in networks.items()
-                   if name in bridges}
+        bridged = {
+            settings.get("MacAddress", "").lower(): (name, settings)
+            for name, settings in networks.items()
+            if name in bridges
+        }
         if not bridged or not info["State"].get("Pid"):
             return ()
         try:
@@ -259,9 +263,7 @@ def require_containers(inventory: Inventory, refs: tuple[str, ...]) -> list[Cont
     for ref in refs:
         container = inventory.find(ref)
         if container is None:
-            raise UserError(
-                f"no running container named {ref!r}: see 'docker ps' for names", EXIT_USAGE
-            )
+            raise UserError(f"no running container named {ref!r}: see 'docker ps' for names", EXIT_USAGE)
         found.append(container)
     return found
 
@@ -337,7 +339,9 @@ class InventoryWatcher:
                 for event in self._events_stream:
                     action = (event.get("Action") or event.get("status") or "").split(":")[0]
                     if action in INVENTORY_EVENTS:
-                        actor = (event.get("Actor") or {}).get("Attributes", {}).get("container") or event.get("id")
+                        actor = (event.get("Actor") or {}).get("Attributes", {}).get(
+                            "container"
+                        ) or event.get("id")
                         if actor:
                             self._source.forget(actor)
                         self._dirty.set()

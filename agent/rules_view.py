@@ -64,7 +64,10 @@ def format_rules_table(rows: list[dict[str, Any]]) -> str:
         return "no rules"
     table = [[title for _, title in COLUMNS]] + [[_cell(row[key]) for key, _ in COLUMNS] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in table]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in table
+    ]
     pending = [row for row in rows if row["pending"]]
     if pending:
         lines.append(f"{len(pending)} pending: their container does not exist yet")

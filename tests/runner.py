@@ -34,12 +34,14 @@ def validate(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
-            prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     """Run one of our console scripts to completion."""
     command = [*prefix, str(BIN / args[0]), *args[1:]]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 class EgressTop:

@@ -71,7 +71,9 @@ def test_first_read_is_a_baseline_then_deltas_follow() -> None:
     aggregator = FlowAggregator()
     first = aggregator.update(read([(*WEB_TO_DB, 1000, 10)], 1_000_000_000), INVENTORY)
     assert first.flows == []
-    second = aggregator.update(read([(*WEB_TO_DB, 1500, 14), (*WEB_TO_OUT, 300, 3)], 3_000_000_000), INVENTORY)
+    second = aggregator.update(
+        read([(*WEB_TO_DB, 1500, 14), (*WEB_TO_OUT, 300, 3)], 3_000_000_000), INVENTORY
+    )
     assert second.interval == 2.0
     by_dst = {f.key.dst: f for f in second.flows}
     assert (by_dst["172.20.0.3"].bytes_delta, by_dst["172.20.0.3"].packets_delta) == (500, 4)
@@ -117,7 +119,9 @@ def test_destinations_are_classified() -> None:
 def test_unknown_veth_flows_are_unattributed_and_evictions_counted() -> None:
     aggregator = FlowAggregator()
     aggregator.update(read([], 0), INVENTORY)
-    snapshot = aggregator.update(read([(99, "10.0.0.9", "10.0.0.1", 17, 1, 2, 10, 1)], 10**9, created=5), INVENTORY)
+    snapshot = aggregator.update(
+        read([(99, "10.0.0.9", "10.0.0.1", 17, 1, 2, 10, 1)], 10**9, created=5), INVENTORY
+    )
     assert [f.container for f in snapshot.unattributed_flows] == [None]
     assert (snapshot.table.used, snapshot.table.evicted) == (1, 4)
     assert [c.name for c in snapshot.unobservable] == ["agent"]
@@ -139,7 +143,12 @@ def test_records_are_flat_and_valid() -> None:
     for record in records:
         jsonschema.validate(record, schema)
     udp = next(r for r in records if r["proto"] == "udp")
-    assert (udp["container_name"], udp["compose_service"], udp["src_port"], udp["dst_port"]) == ("web", "web", 40001, 53)
+    assert (udp["container_name"], udp["compose_service"], udp["src_port"], udp["dst_port"]) == (
+        "web",
+        "web",
+        40001,
+        53,
+    )
     assert (udp["icmp_type"], udp["network"], udp["veth"]) == (None, "front", "vethweb")
     icmp = next(r for r in records if r["proto"] == "icmp")
     assert (icmp["src_port"], icmp["icmp_type"], icmp["icmp_code"]) == (None, 8, 0)
@@ -158,8 +167,12 @@ def test_ndjson_filter_by_container() -> None:
 
 def test_update_of_100k_flows_fits_the_budget() -> None:
     containers = tuple(
-        Container(id=f"{n:064x}", name=f"c{n}", image="x",
-                  endpoints=(Endpoint(100 + n, f"v{n}", "net", "br", f"10.1.{n // 250}.{n % 250}"),))
+        Container(
+            id=f"{n:064x}",
+            name=f"c{n}",
+            image="x",
+            endpoints=(Endpoint(100 + n, f"v{n}", "net", "br", f"10.1.{n // 250}.{n % 250}"),),
+        )
         for n in range(200)
     )
     inventory = Inventory(containers=containers)

@@ -17,7 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from lab import UPSTREAM_V4, UPSTREAM_V4_BLOCKME, UPSTREAM_V4_OTHER, UPSTREAM_V6, UPSTREAM_V6_OTHER, Lab, wait_until
+from lab import (
+    UPSTREAM_V4,
+    UPSTREAM_V4_BLOCKME,
+    UPSTREAM_V4_OTHER,
+    UPSTREAM_V6,
+    UPSTREAM_V6_OTHER,
+    Lab,
+    wait_until,
+)
 from runner import BIN, EgressTop, run_cli, veth_ifindexes
 
 from agent.datapath import PIN_DIR, our_filters
@@ -64,9 +72,20 @@ class StreamFromContainer:
 
     def __init__(self, lab: Lab, container, dst: str, port: int):  # type: ignore[no-untyped-def]
         self.proc = subprocess.Popen(
-            ["timeout", "60", "nsenter", f"--net=/proc/{lab.pid(container)}/ns/net", sys.executable, "-c",
-             self.SCRIPT, dst, str(port)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [
+                "timeout",
+                "60",
+                "nsenter",
+                f"--net=/proc/{lab.pid(container)}/ns/net",
+                sys.executable,
+                "-c",
+                self.SCRIPT,
+                dst,
+                str(port),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "connected"
 
@@ -139,8 +158,9 @@ def test_cidr_port_proto_ipv6_and_allow_exceptions(lab: Lab, upstream) -> None:
     for (dst, port), passing in expected.items():
         assert passes(dst, port) == passing, (dst, port)
         # The datapath and the Python statement of the semantics agree.
-        assert (winning_rule(rules, dst, 17, port) is None or
-                winning_rule(rules, dst, 17, port).action == "allow") == passing  # type: ignore[union-attr]
+        assert (
+            winning_rule(rules, dst, 17, port) is None or winning_rule(rules, dst, 17, port).action == "allow"
+        ) == passing  # type: ignore[union-attr]
 
     # ICMP-only rule: ping to .2 fails, UDP to .2 still passes.
     cli("egress-block", web.name, UPSTREAM_V4_OTHER, "--proto", "icmp")
@@ -179,8 +199,9 @@ def test_host_name_rule_follows_the_name(lab: Lab, upstream, hosts_entry) -> Non
     assert delivered(lab, sink, web, UPSTREAM_V4_BLOCKME, 5301) == 0
     assert delivered(lab, sink, web, UPSTREAM_V4, 5301) == 5
 
-    agent = subprocess.Popen([str(BIN / "egress-agent"), "run", "--resolve-every", "0.5"], stderr=subprocess.PIPE,
-                             text=True)
+    agent = subprocess.Popen(
+        [str(BIN / "egress-agent"), "run", "--resolve-every", "0.5"], stderr=subprocess.PIPE, text=True
+    )
     try:
         hosts_entry(UPSTREAM_V4)  # the name moves: the agent re-resolves and swaps the address
         wait_until(lambda: RuleStore().rules(web.name)[0].addresses == (f"{UPSTREAM_V4}/32",), timeout=10)
@@ -199,7 +220,9 @@ def test_block_holds_across_restart_and_recreation(lab: Lab, upstream) -> None:
     net = lab.network()
     web = lab.container("web", network=net)
     sink = upstream.udp_sink(5401)
-    agent = subprocess.Popen([str(BIN / "egress-agent"), "run", "-i", "0.2"], stderr=subprocess.PIPE, text=True)
+    agent = subprocess.Popen(
+        [str(BIN / "egress-agent"), "run", "-i", "0.2"], stderr=subprocess.PIPE, text=True
+    )
     try:
         cli("egress-block", web.name, UPSTREAM_V4_BLOCKME)
         old_veths = set(our_filters())
@@ -290,7 +313,9 @@ def test_parallel_blocks_all_land_and_bad_input_changes_nothing(lab: Lab, state_
     assert (state_dir / "rules.json").read_text() == "{not json"
 
 
-def test_dry_run_lists_the_flows_it_would_cut_and_changes_nothing(lab: Lab, upstream, state_dir: Path) -> None:
+def test_dry_run_lists_the_flows_it_would_cut_and_changes_nothing(
+    lab: Lab, upstream, state_dir: Path
+) -> None:
     net = lab.network()
     web = lab.container("web", network=net)
     sink = upstream.udp_sink(5601)
@@ -305,7 +330,9 @@ def test_dry_run_lists_the_flows_it_would_cut_and_changes_nothing(lab: Lab, upst
         assert top.stop() == 0, top.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("dry run: 1 of 2 current flows")
-    assert lines[1:] == [f"  cut: udp {lab.ip(web)}:{port_blocked} -> {UPSTREAM_V4_BLOCKME}:5601 (forwarded -> dropped)"]
+    assert lines[1:] == [
+        f"  cut: udp {lab.ip(web)}:{port_blocked} -> {UPSTREAM_V4_BLOCKME}:5601 (forwarded -> dropped)"
+    ]
     assert not (state_dir / "rules.json").exists()
     assert delivered(lab, sink, web, UPSTREAM_V4_BLOCKME, 5601) == 5
     assert os.environ["EGRESS_TOP_STATE_DIR"] == str(state_dir)

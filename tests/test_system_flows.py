@@ -73,7 +73,9 @@ def test_container_to_container_flows_belong_to_the_sender(lab: Lab) -> None:
         bob_port = lab.send_udp(bob, lab.ip(alice), 6002, count=11, size=80)
         alice_key = (lab.ip(alice), alice_port, lab.ip(bob), 6001, "udp")
         bob_key = (lab.ip(bob), bob_port, lab.ip(alice), 6002, "udp")
-        wait_until(lambda: alice_key in top.flows_of(alice.name) and bob_key in top.flows_of(bob.name), timeout=5)
+        wait_until(
+            lambda: alice_key in top.flows_of(alice.name) and bob_key in top.flows_of(bob.name), timeout=5
+        )
     finally:
         assert top.stop() == 0, top.stderr
     alice_flows, bob_flows = top.flows_of(alice.name), top.flows_of(bob.name)
@@ -171,7 +173,9 @@ def test_shared_netns_and_host_network_containers_are_shown(lab: Lab, upstream) 
 
     plain = run_cli("egress-top", "-n", "1", "-i", "0.2")
     assert plain.returncode == 0, plain.stderr
-    sharer_line = next(line for line in plain.stdout.splitlines() if sharer.name in line and owner.name in line)
+    sharer_line = next(
+        line for line in plain.stdout.splitlines() if sharer.name in line and owner.name in line
+    )
     assert "shares" in sharer_line
     host_line = next(line for line in plain.stdout.splitlines() if on_host.name in line)
     assert "host network" in host_line
@@ -190,7 +194,9 @@ def test_exit_leaves_no_filter_or_qdisc(lab: Lab, how: str) -> None:
         top.wait_attached(ifindexes)
         assert top.stop(signal.SIGTERM if how == "sigterm" else signal.SIGINT) == 0, top.stderr
     for ifindex in ifindexes:
-        qdiscs = subprocess.run(["tc", "qdisc", "show", "dev", _ifname(ifindex)], capture_output=True, text=True)
+        qdiscs = subprocess.run(
+            ["tc", "qdisc", "show", "dev", _ifname(ifindex)], capture_output=True, text=True
+        )
         assert "clsact" not in qdiscs.stdout
 
 
@@ -235,7 +241,7 @@ def test_error_unknown_container() -> None:
 
 def test_error_no_kernel_headers() -> None:
     # A private mount namespace where /lib/modules and /usr/src are empty.
-    script = "mount -t tmpfs none /lib/modules && mount -t tmpfs none /usr/src && exec \"$@\""
+    script = 'mount -t tmpfs none /lib/modules && mount -t tmpfs none /usr/src && exec "$@"'
     prefix = ("unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh")
     result = run_cli("egress-top", "--json", "-n", "1", prefix=prefix)
     _one_line_error(result, 5, "linux-headers-amd64")
@@ -243,7 +249,7 @@ def test_error_no_kernel_headers() -> None:
 
 def test_error_bpffs_not_mountable() -> None:
     # /sys/fs read-only and empty in a private mount namespace: bpffs cannot be mounted.
-    script = "umount /sys/fs/bpf 2>/dev/null; mount -t tmpfs -o ro none /sys/fs && exec \"$@\""
+    script = 'umount /sys/fs/bpf 2>/dev/null; mount -t tmpfs -o ro none /sys/fs && exec "$@"'
     prefix = ("unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh")
     result = run_cli("egress-top", "--json", "-n", "1", prefix=prefix)
     _one_line_error(result, 5, "bpffs")
