@@ -1,0 +1,60 @@
+"""Fixtures for system tests: a real Docker engine, the local image, the upstream netns.
+
+No skipping: a missing engine or image fails the run loudly (make test sets them up).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+from lab import TEST_IMAGE, Lab, Upstream, install_safety_routes, remove_safety_routes, remove_stale
+
+REPO = Path(__file__).resolve().parent.parent
+MACHINE_LOCK = Path("/tmp/ett-machine.lock")  # shared with bench/: one user of tc and netns at a time
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    with open(MACHINE_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = docker.from_env(timeout=60)
+            client.ping()
+        except Exception as exc:
+            pytest.fail(f"Docker engine not reachable ({exc}): run the suite with 'sudo make test'")
+        remove_stale(client)
+        yield client
+        remove_stale(client)
+
+
+@pytest.fixture(scope="session")
+def test_image(docker_client: docker.DockerClient) -> str:
+    subprocess.run([REPO / "scripts" / "build-test-image.sh"], check=True, capture_output=True)
+    docker_client.images.get(TEST_IMAGE)
+    return TEST_IMAGE
+
+
+@pytest.fixture(scope="session")
+def upstream(docker_client: docker.DockerClient) -> Iterator[Upstream]:
+    safety = install_safety_routes()  # before any netns, veth or packet
+    upstream = Upstream()
+    try:
+        upstream.create()
+        yield upstream
+    finally:
+        upstream.destroy()
+        remove_safety_routes(safety)
+
+
+@pytest.fixture
+def lab(docker_client: docker.DockerClient, test_image: str, upstream: Upstream) -> Iterator[Lab]:
+    lab = Lab(docker_client)
+    try:
+        yield lab
+    finally:
+        lab.destroy()
