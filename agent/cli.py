@@ -61,27 +61,6 @@ def _setup_logging(prog: str, verbose: bool) -> None:
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
-def reports_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Turn UserError into one stderr line and its exit code (detail only with --verbose)."""
-
-    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(command)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            verbose = kwargs.get("verbose", False)
-            _setup_logging(prog, verbose)
-            try:
-                return command(*args, **kwargs)
-            except UserError as exc:
-                click.echo(f"{prog}: {exc}", err=True)
-                if verbose and exc.detail:
-                    click.echo(exc.detail, err=True)
-                sys.exit(exc.exit_code)
-
-        return wrapper
-
-    return decorate
-
-
 @contextlib.contextmanager
 def _sigterm_exits() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C, so every finally-block (detach, restore terminal) runs."""
@@ -94,6 +73,30 @@ def _sigterm_exits() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def reports_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Turn UserError into one stderr line and its exit code (detail only with --verbose)."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            verbose = kwargs.get("verbose", False)
+            _setup_logging(prog, verbose)
+            try:
+                with _sigterm_exits():
+                    return command(*args, **kwargs)
+            except UserError as exc:
+                click.echo(f"{prog}: {exc}", err=True)
+                if verbose and exc.detail:
+                    click.echo(exc.detail, err=True)
+                sys.exit(exc.exit_code)
+            except KeyboardInterrupt:
+                sys.exit(0)  # Ctrl-C or SIGTERM: asked to stop; the finally-blocks cleaned up
+
+        return wrapper
+
+    return decorate
 
 
 def _container_filter(inventory: Inventory, refs: tuple[str, ...]) -> set[str] | None:
@@ -176,7 +179,7 @@ def egress_top(
     store = RuleStore()
     store.load()  # a corrupt store is refused before anything is attached
     interactive = not as_json and sys.stdout.isatty()
-    with _sigterm_exits(), open_datapath(flow_table_size) as datapath:
+    with open_datapath(flow_table_size) as datapath:
         monitor = Monitor(datapath, client, store)
         monitor.start()
         try:
@@ -447,7 +450,7 @@ def run(
     client = connect_docker()
     store = RuleStore()
     store.load()
-    with _sigterm_exits(), open_datapath(flow_table_size) as datapath:
+    with open_datapath(flow_table_size) as datapath:
         monitor = Monitor(datapath, client, store, name_refresh_seconds=resolve_every)
         monitor.start()
         out = None if export_path is None else sys.stdout if export_path == "-" else open(export_path, "a")  # noqa: SIM115

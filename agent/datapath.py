@@ -583,12 +583,13 @@ def open_datapath(flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE) -> Iterator[Da
     check_privileges()
     ensure_bpffs()
     holder = RUN_DIR / "holders" / str(os.getpid())
-    with exclusive():
-        holder.parent.mkdir(parents=True, exist_ok=True)
-        holder.touch()
     datapath = None
     try:
-        datapath = Datapath(flow_table_size)
+        with exclusive():
+            holder.parent.mkdir(parents=True, exist_ok=True)
+            holder.touch()
+            # Under the lock: two first loads at once would both try to create the pins.
+            datapath = Datapath(flow_table_size)
         yield datapath
     finally:
         with exclusive():

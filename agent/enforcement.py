@@ -122,21 +122,29 @@ def enforce_now(store: RuleStore, inventory: Inventory, container_name: str) -> 
     long as the container has rules."""
     container = inventory.find(container_name)
     veths = {ep.ifindex for ep in container.endpoints} if container else set()
-    maps = open_pinned_maps()
-    if maps is not None and veths <= set(our_filters()):
-        try:
-            sync(maps, store, inventory)
-            release_if_unheld(maps)
-        finally:
-            maps.close()
+    if _sync_if_attached(store, inventory, veths):
         return
-    if maps is not None:
-        maps.close()
     with open_datapath() as datapath:
         with exclusive():
             for ifindex in veths:
                 datapath.attach(ifindex)
         sync(datapath, store, inventory)
+
+
+def _sync_if_attached(store: RuleStore, inventory: Inventory, veths: set[int]) -> bool:
+    """The fast path: maps pinned and the program on every veth of the container."""
+    with exclusive():
+        maps = open_pinned_maps()
+        if maps is None:
+            return False
+        try:
+            if not veths <= set(our_filters()):
+                return False
+            apply_rules(maps, store.load(), inventory.containers)
+        finally:
+            maps.close()
+    release_if_unheld(None)
+    return True
 
 
 def flows_of(maps: Maps, container: Container) -> list[FlowKey]:
