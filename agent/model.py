@@ -51,6 +51,13 @@ class Container:
         return self.unobservable_reason is None
 
     @property
+    def why_not_observed(self) -> str | None:
+        """Why this container has no row of its own, or None when it has one."""
+        if self.netns_owner:
+            return f"shares the network namespace of {self.netns_owner} (counted there)"
+        return self.unobservable_reason
+
+    @property
     def addresses(self) -> tuple[str, ...]:
         return tuple(a for ep in self.endpoints for a in (ep.ipv4, ep.ipv6) if a)
 
