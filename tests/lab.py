@@ -63,7 +63,12 @@ def install_safety_routes() -> list[str]:
     added = []
     for prefix in SAFETY_PREFIXES:
         family = "-6" if ":" in prefix else "-4"
-        if sh("ip", family, "route", "add", "unreachable", prefix, "metric", SAFETY_METRIC, check=False).returncode == 0:
+        if (
+            sh(
+                "ip", family, "route", "add", "unreachable", prefix, "metric", SAFETY_METRIC, check=False
+            ).returncode
+            == 0
+        ):
             added.append(prefix)
     return added
 
@@ -152,7 +157,9 @@ def wait_ipv6_ready(limit=5.0):
         time.sleep(0.05)
 """
 
-_SEND_UDP = _WAIT_FOR_IPV6 + r"""
+_SEND_UDP = (
+    _WAIT_FOR_IPV6
+    + r"""
 import socket, sys
 dst, port, count, size, src_port, interval = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
 family = socket.AF_INET6 if ":" in dst else socket.AF_INET
@@ -167,8 +174,11 @@ for _ in range(count):
         time.sleep(interval)
 print(s.getsockname()[1])
 """
+)
 
-_TCP_CONNECT = _WAIT_FOR_IPV6 + r"""
+_TCP_CONNECT = (
+    _WAIT_FOR_IPV6
+    + r"""
 import socket, sys
 dst, port, payload, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 if ":" in dst:
@@ -180,6 +190,7 @@ try:
 except OSError as e:
     print("failed", e)
 """
+)
 
 
 def run_in_netns(netns: str, script: str, *args: Any, timeout: float = 30) -> str:
@@ -203,8 +214,20 @@ class Sink:
         self._dir = tempfile.TemporaryDirectory(prefix="ett-sink-")
         self.path = Path(self._dir.name) / "counts"
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, PYTHON, "-c", _SINK, proto, address, str(port), str(lifetime),
-             str(self.path)],
+            [
+                "ip",
+                "netns",
+                "exec",
+                netns,
+                PYTHON,
+                "-c",
+                _SINK,
+                proto,
+                address,
+                str(port),
+                str(lifetime),
+                str(self.path),
+            ],
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -275,8 +298,9 @@ class Upstream:
         return sink
 
     def exec(self, cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", self.netns, *cmd], capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.netns, *cmd], capture_output=True, text=True, timeout=timeout
+        )
 
 
 class Lab:
@@ -375,19 +399,34 @@ class Lab:
         return self._settings(container, network)["GlobalIPv6Address"]
 
     def send_udp(
-        self, container: Container, dst: str, port: int, count: int, size: int, src_port: int = 0,
+        self,
+        container: Container,
+        dst: str,
+        port: int,
+        count: int,
+        size: int,
+        src_port: int = 0,
         interval: float = 0.0,
     ) -> int:
         """Exactly `count` datagrams of `size` bytes from one socket in the container's
         netns; returns the source port used."""
         ipaddress.ip_address(dst)  # never a name: nothing here may resolve
-        out = run_in_netns(f"/proc/{self.pid(container)}/ns/net", _SEND_UDP, dst, port, count, size, src_port,
-                           interval)
+        out = run_in_netns(
+            f"/proc/{self.pid(container)}/ns/net", _SEND_UDP, dst, port, count, size, src_port, interval
+        )
         return int(out)
 
-    def tcp_connect(self, container: Container, dst: str, port: int, payload: int = 0, timeout: float = 3.0) -> bool:
+    def tcp_connect(
+        self, container: Container, dst: str, port: int, payload: int = 0, timeout: float = 3.0
+    ) -> bool:
         ipaddress.ip_address(dst)
-        out = run_in_netns(f"/proc/{self.pid(container)}/ns/net", _TCP_CONNECT, dst, port, payload, timeout,
-                           timeout=timeout + 10)
+        out = run_in_netns(
+            f"/proc/{self.pid(container)}/ns/net",
+            _TCP_CONNECT,
+            dst,
+            port,
+            payload,
+            timeout,
+            timeout=timeout + 10,
+        )
         return out == "connected"
-

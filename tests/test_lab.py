@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from lab import UPSTREAM_V4, UPSTREAM_V4_OTHER, UPSTREAM_V6, Lab, sh
 
 
