@@ -184,7 +184,7 @@ def egress_top(
         monitor.start()
         try:
             if interactive:
-                _run_tui(monitor, interval, count, sort, flows_per_container, containers, no_color)
+                _run_tui(monitor, interval, count, sort, flows_per_container, only, no_color)
             else:
                 _run_stream(monitor, interval, count, as_json, only, sort, flows_per_container)
         except KeyboardInterrupt:
@@ -227,14 +227,14 @@ def _run_tui(
     count: int | None,
     sort: str,
     flows_per_container: int,
-    containers: tuple[str, ...],
+    only: set[str] | None,
     no_color: bool,
 ) -> None:
     from agent.tui import ViewState, run_live
 
-    state = ViewState(sort=sort, flows_per_container=flows_per_container, name_filter=" ".join(containers))
+    state = ViewState(sort=sort, flows_per_container=flows_per_container)
     color = not no_color and "NO_COLOR" not in os.environ
-    run_live(monitor.poll, interval, count, state, color)
+    run_live(lambda: _only(monitor.poll(), only), interval, count, state, color)
 
 
 # --- rules ---------------------------------------------------------------------------
