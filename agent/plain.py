@@ -23,13 +23,13 @@ def line(cells: tuple[str, ...], widths: tuple[int, ...]) -> str:
     return " ".join(fit(cell, width).ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
 
 
-def header(snapshot: Snapshot) -> str:
+def header(snapshot: Snapshot, hostname: str | None = None) -> str:
     when = datetime.fromtimestamp(snapshot.time, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     table = snapshot.table
     evicted = f" ({table.evicted} evicted)" if table.evicted else ""
     rate = format_bits_per_second(snapshot.total_bytes_delta / snapshot.interval if snapshot.interval else 0)
     return (
-        f"egress-top {socket.gethostname()} {when} interval {snapshot.interval:.1f}s"
+        f"egress-top {hostname or socket.gethostname()} {when} interval {snapshot.interval:.1f}s"
         f" containers {len(snapshot.stats)} observed, {len(snapshot.unobservable)} not"
         f" egress {rate} flows {table.used}/{table.size}{evicted}"
     )

@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from agent.model import ContainerStats, Snapshot
-from agent.plain import header
+from agent.plain import CONTAINER_WIDTHS, fit, header
 from agent.rows import CONTAINER_COLUMNS, FLOW_COLUMNS, SORT_KEYS, container_cells, flow_cells, sorted_stats
 from agent.units import sparkline
 
@@ -133,7 +133,7 @@ def _edit_filter(state: ViewState, key: str) -> ViewState:
 
 
 def _header(snapshot: Snapshot, state: ViewState, host: HostInfo) -> Text:
-    text = Text(f"{header(snapshot)}  kernel {host.kernel}", style="bold")
+    text = Text(f"{header(snapshot, host.hostname)}  kernel {host.kernel}", style="bold")
     arrow = "↑" if (state.sort == "name") != state.reverse else "↓"
     text.append(f"\nsort {state.sort} {arrow}")
     if state.editing_filter:
@@ -155,7 +155,6 @@ def _container_table(rows: list[ContainerStats], snapshot: Snapshot, state: View
             justify="right" if numeric else "left",
             overflow="ellipsis",
             no_wrap=True,
-            max_width=24 if number < 3 else None,
             min_width=HISTORY_WIDTH if title == "HISTORY" else None,
         )
     for index, stats in enumerate(rows):
@@ -163,7 +162,10 @@ def _container_table(rows: list[ContainerStats], snapshot: Snapshot, state: View
         if stats.dropped_packets_delta:
             style += " red"
         history = sparkline(stats.rate_history, HISTORY_WIDTH)
-        table.add_row(*container_cells(stats, snapshot.interval), history, style=style.strip() or None)
+        cells = container_cells(stats, snapshot.interval)
+        # names, images and addresses are cut as in the plain output, never wrapped
+        labels = tuple(fit(cell, width) for cell, width in zip(cells[:3], CONTAINER_WIDTHS, strict=False))
+        table.add_row(*labels, *cells[3:], history, style=style.strip() or None)
     return table
 
 
