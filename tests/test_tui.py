@@ -48,7 +48,7 @@ def test_screen_exact_text() -> None:
         "web",
         "(frontend)",
         "+1",
-        "sharing",
+        "shari…",
         "img:1",
         "172.20.0.2",
         "2.0",
