@@ -19,9 +19,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
+import docker
 
 from agent.datapath import (
     DEFAULT_FLOW_TABLE_SIZE,
@@ -114,16 +115,48 @@ def _intervals(interval: float, count: int | None) -> Iterator[int]:
         yield number
 
 
+def interval_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "-i", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help=help_text
+    )
+
+
+flow_table_option = click.option(
+    "--flow-table-size",
+    type=click.IntRange(min=1024),
+    default=DEFAULT_FLOW_TABLE_SIZE,
+    show_default=True,
+    help="Flows the datapath tracks; the least recently used are evicted beyond it.",
+)
+verbose_option = click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Debug logs, and the loader's log when the kernel refuses the program.",
+)
+
+
+@contextlib.contextmanager
+def _monitoring(
+    client: docker.DockerClient, flow_table_size: int, name_refresh_seconds: float = NAME_REFRESH_SECONDS
+) -> Iterator[Monitor]:
+    """The rule store checked first, then the datapath on every container until the block ends."""
+    store = RuleStore()
+    store.load()  # a corrupt store is refused before anything is attached
+    with open_datapath(flow_table_size) as datapath:
+        monitor = Monitor(datapath, client, store, name_refresh_seconds=name_refresh_seconds)
+        monitor.start()
+        try:
+            yield monitor
+        except KeyboardInterrupt:
+            pass  # q, Ctrl-C or SIGTERM: a normal way to stop
+        finally:
+            monitor.stop()
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Write NDJSON flow records to stdout (schema v1).")
-@click.option(
-    "-i",
-    "--interval",
-    type=click.FloatRange(min=0.1),
-    default=1.0,
-    show_default=True,
-    help="Seconds between refreshes.",
-)
+@interval_option("Seconds between refreshes.")
 @click.option(
     "-n",
     "--count",
@@ -151,14 +184,8 @@ def _intervals(interval: float, count: int | None) -> Iterator[int]:
     help="Flows shown under each container.",
 )
 @click.option("--no-color", is_flag=True, help="No colour (NO_COLOR is honoured too).")
-@click.option(
-    "--flow-table-size",
-    type=click.IntRange(min=1024),
-    default=DEFAULT_FLOW_TABLE_SIZE,
-    show_default=True,
-    help="Flows the datapath tracks; the oldest are evicted beyond it.",
-)
-@click.option("-v", "--verbose", is_flag=True, help="Debug logs, and the verifier log when a load fails.")
+@flow_table_option
+@verbose_option
 @reports_errors("egress-top")
 def egress_top(
     as_json: bool,
@@ -176,21 +203,11 @@ def egress_top(
     client = connect_docker()
     # Unknown --container names fail here, before anything is attached.
     only = _container_filter(DockerInventory(client).snapshot(), containers)
-    store = RuleStore()
-    store.load()  # a corrupt store is refused before anything is attached
-    interactive = not as_json and sys.stdout.isatty()
-    with open_datapath(flow_table_size) as datapath:
-        monitor = Monitor(datapath, client, store)
-        monitor.start()
-        try:
-            if interactive:
-                _run_tui(monitor, interval, count, sort, flows_per_container, only, no_color)
-            else:
-                _run_stream(monitor, interval, count, as_json, only, sort, flows_per_container)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            monitor.stop()
+    with _monitoring(client, flow_table_size) as monitor:
+        if not as_json and sys.stdout.isatty():
+            _run_tui(monitor, interval, count, sort, flows_per_container, only, no_color)
+        else:
+            _run_stream(monitor, interval, count, as_json, only, sort, flows_per_container)
 
 
 def _run_stream(
@@ -405,24 +422,20 @@ def egress_agent() -> None:
 
 
 @egress_agent.command()
-@click.option("-v", "--verbose", is_flag=True)
+@verbose_option
 @reports_errors("egress-agent")
 def cleanup(verbose: bool) -> None:
     """Remove every tc filter, pin and map of egress-top, rules' enforcement included."""
     check_privileges()
-    for item in cleanup_everything() or ["nothing of ours was attached or pinned"]:
-        click.echo(f"removed {item}" if not item.startswith("nothing") else item)
+    removed = cleanup_everything()
+    for item in removed:
+        click.echo(f"removed {item}")
+    if not removed:
+        click.echo("nothing of ours was attached or pinned")
 
 
 @egress_agent.command()
-@click.option(
-    "-i",
-    "--interval",
-    type=click.FloatRange(min=0.1),
-    default=1.0,
-    show_default=True,
-    help="Seconds between flow-table reads.",
-)
+@interval_option("Seconds between flow-table reads.")
 @click.option(
     "--export",
     "export_path",
@@ -430,9 +443,7 @@ def cleanup(verbose: bool) -> None:
     default=None,
     help="Append NDJSON flow records to this file ('-' for stdout).",
 )
-@click.option(
-    "--flow-table-size", type=click.IntRange(min=1024), default=DEFAULT_FLOW_TABLE_SIZE, show_default=True
-)
+@flow_table_option
 @click.option(
     "--resolve-every",
     type=click.FloatRange(min=0.5),
@@ -440,7 +451,7 @@ def cleanup(verbose: bool) -> None:
     show_default=True,
     help="Seconds between re-resolutions of host-name rules.",
 )
-@click.option("-v", "--verbose", is_flag=True)
+@verbose_option
 @reports_errors("egress-agent")
 def run(
     interval: float, export_path: str | None, flow_table_size: int, resolve_every: float, verbose: bool
@@ -448,20 +459,17 @@ def run(
     """Attach to every container as it starts, enforce rules, re-resolve names, export flows."""
     check_privileges()
     client = connect_docker()
-    store = RuleStore()
-    store.load()
-    with open_datapath(flow_table_size) as datapath:
-        monitor = Monitor(datapath, client, store, name_refresh_seconds=resolve_every)
-        monitor.start()
-        out = None if export_path is None else sys.stdout if export_path == "-" else open(export_path, "a")  # noqa: SIM115
-        try:
-            for _ in _intervals(interval, None):
-                snapshot = monitor.poll()
-                if out is not None:
-                    write_ndjson(snapshot, out)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            monitor.stop()
-            if out is not None and out is not sys.stdout:
-                out.close()
+    with _monitoring(client, flow_table_size, resolve_every) as monitor, _export_sink(export_path) as out:
+        for _ in _intervals(interval, None):
+            snapshot = monitor.poll()
+            if out is not None:
+                write_ndjson(snapshot, out)
+
+
+@contextlib.contextmanager
+def _export_sink(path: str | None) -> Iterator[TextIO | None]:
+    if path is None or path == "-":
+        yield None if path is None else sys.stdout
+        return
+    with open(path, "a") as out:
+        yield out

@@ -26,6 +26,20 @@ def veth_ifindexes(lab: Lab, container) -> set[int]:  # type: ignore[no-untyped-
     return container_veths(lab.pid(container))
 
 
+def udp_flow_seen(lab: Lab, owner, sender, src: str, dst: str, port: int, count: int, size: int):  # type: ignore[no-untyped-def]
+    """Run egress-top while `sender` sends UDP; stop it once the flow shows under `owner`.
+    Returns the stopped EgressTop and the flow's 5-tuple key."""
+    top = EgressTop()
+    try:
+        top.wait_attached(veth_ifindexes(lab, owner))
+        src_port = lab.send_udp(sender, dst, port, count=count, size=size)
+        key = (src, src_port, dst, port, "udp")
+        wait_until(lambda: key in top.flows_of(owner.name), timeout=5)
+    finally:
+        assert top.stop() == 0, top.stderr
+    return top, key
+
+
 @pytest.fixture(autouse=True)
 def nothing_of_ours_left():
     yield
@@ -140,16 +154,10 @@ def test_container_started_while_running_is_counted_within_a_second(lab: Lab, up
 
 
 def test_ipv6_flow_is_counted_with_its_addresses(lab: Lab, upstream) -> None:
-    net = lab.network(ipv6=True)
-    sender = lab.container("v6", network=net)
-    top = EgressTop()
-    try:
-        top.wait_attached(veth_ifindexes(lab, sender))
-        src_port = lab.send_udp(sender, UPSTREAM_V6, 5006, count=6, size=100)
-        key = (lab.ip6(sender), src_port, UPSTREAM_V6, 5006, "udp")
-        wait_until(lambda: key in top.flows_of(sender.name), timeout=5)
-    finally:
-        assert top.stop() == 0, top.stderr
+    sender = lab.container("v6", network=lab.network(ipv6=True))
+    top, key = udp_flow_seen(
+        lab, owner=sender, sender=sender, src=lab.ip6(sender), dst=UPSTREAM_V6, port=5006, count=6, size=100
+    )
     record = top.flows_of(sender.name)[key]
     assert (record["family"], record["packets"]) == ("ipv6", 6)
     assert record["bytes"] == 6 * (100 + IPV6_UDP_OVERHEAD)
@@ -160,14 +168,9 @@ def test_shared_netns_and_host_network_containers_are_shown(lab: Lab, upstream) 
     owner = lab.container("owner", network=net)
     sharer = lab.container("sharer", network_mode=f"container:{owner.id}")
     on_host = lab.container("onhost", network_mode="host")
-    top = EgressTop()
-    try:
-        top.wait_attached(veth_ifindexes(lab, owner))
-        src_port = lab.send_udp(sharer, UPSTREAM_V4, 5007, count=3, size=10)
-        key = (lab.ip(owner), src_port, UPSTREAM_V4, 5007, "udp")
-        wait_until(lambda: key in top.flows_of(owner.name), timeout=5)
-    finally:
-        assert top.stop() == 0, top.stderr
+    top, key = udp_flow_seen(
+        lab, owner=owner, sender=sharer, src=lab.ip(owner), dst=UPSTREAM_V4, port=5007, count=3, size=10
+    )
     assert top.flows_of(owner.name)[key]["packets"] == 3
     assert top.flows_of(sharer.name) == {}
 
@@ -239,20 +242,22 @@ def test_error_unknown_container() -> None:
     _one_line_error(result, 2, "ett-no-such-container")
 
 
+def _in_private_mounts(setup: str) -> tuple[str, ...]:
+    """A command prefix: run in a private mount namespace after `setup` (shell)."""
+    return ("unshare", "-m", "--propagation", "private", "sh", "-c", f'{setup} && exec "$@"', "sh")
+
+
 def test_error_no_kernel_headers() -> None:
-    # A private mount namespace where /lib/modules and /usr/src are empty.
-    script = 'mount -t tmpfs none /lib/modules && mount -t tmpfs none /usr/src && exec "$@"'
-    prefix = ("unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh")
-    result = run_cli("egress-top", "--json", "-n", "1", prefix=prefix)
-    _one_line_error(result, 5, "linux-headers-amd64")
+    no_headers = _in_private_mounts("mount -t tmpfs none /lib/modules && mount -t tmpfs none /usr/src")
+    _one_line_error(run_cli("egress-top", "--json", "-n", "1", prefix=no_headers), 5, "linux-headers-amd64")
 
 
 def test_error_bpffs_not_mountable() -> None:
-    # /sys/fs read-only and empty in a private mount namespace: bpffs cannot be mounted.
-    script = 'umount /sys/fs/bpf 2>/dev/null; mount -t tmpfs -o ro none /sys/fs && exec "$@"'
-    prefix = ("unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh")
-    result = run_cli("egress-top", "--json", "-n", "1", prefix=prefix)
-    _one_line_error(result, 5, "bpffs")
+    # /sys/fs read-only and empty: there is nowhere to mount bpffs
+    no_bpffs = _in_private_mounts(
+        "{ umount /sys/fs/bpf 2>/dev/null; true; } && mount -t tmpfs -o ro none /sys/fs"
+    )
+    _one_line_error(run_cli("egress-top", "--json", "-n", "1", prefix=no_bpffs), 5, "bpffs")
 
 
 def test_error_program_refused_shows_log_with_verbose() -> None:
