@@ -35,7 +35,10 @@ DOCKER=/usr/bin/docker
 if ! timeout 10 "$DOCKER" info >/dev/null 2>&1; then
   [ -z "${DOCKER_HOST:-}" ] || die "DOCKER_HOST=$DOCKER_HOST does not answer: start that engine or unset DOCKER_HOST"
   say "starting dockerd (log: /var/log/egress-top-dockerd.log)"
-  setsid nohup dockerd >/var/log/egress-top-dockerd.log 2>&1 < /dev/null &
+  # Close inherited descriptors above 2: a lock held by whoever called us (flock)
+  # must not live on in the daemon for as long as it runs.
+  setsid nohup bash -c 'for fd in /proc/self/fd/*; do n=${fd##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-"; done; exec dockerd' \
+    >/var/log/egress-top-dockerd.log 2>&1 < /dev/null &
   for _ in $(seq 1 60); do
     timeout 5 "$DOCKER" info >/dev/null 2>&1 && break
     sleep 1
