@@ -277,6 +277,11 @@ def run_live(
     ):
 
         def redraw() -> None:
+            # The terminal's size, not COLUMNS/LINES: those are often stale and never follow a resize.
+            with contextlib.suppress(OSError):
+                size = os.get_terminal_size(sys.stdout.fileno())
+                if size.columns and size.lines:  # a fresh pty may say 0x0 until someone sets it
+                    console.width, console.height = size
             live.update(
                 render(shown, state, host) if shown else Text("collecting the first interval…"), refresh=True
             )

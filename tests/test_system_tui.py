@@ -38,7 +38,10 @@ def test_live_screen_shows_the_sender_sorts_and_quits(lab: Lab, upstream, tmp_pa
             return text if UPSTREAM_V4 in text and "sort rate" in text else ""
 
         text = wait_until(screen_with_flow, timeout=10)
-        row = next(line for line in text.splitlines() if line.startswith(pinger.name[:20]))
+        address = lab.ip(pinger)
+        rows = [line for line in text.splitlines() if line.startswith(pinger.name) and address in line]
+        assert len(rows) == 1, text
+        row = rows[0]
         assert " b/s" in row or "Kb/s" in row
         assert " 0 b/s" not in row  # it is sending right now
         flow_line = next(line for line in text.splitlines() if line.startswith(UPSTREAM_V4))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import pty
 import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 from dataclasses import replace
 
@@ -186,6 +189,7 @@ def test_render_large_snapshot_is_fast() -> None:
 
 LIVE_SCRIPT = """
 import sys
+import termios
 sys.path.insert(0, sys.argv[1])
 from snapshots import SNAPSHOT
 from agent.tui import HostInfo, ViewState, run_live
@@ -195,13 +199,14 @@ sys.exit(run_live(lambda: SNAPSHOT, 0.2, None, ViewState(), color=False, host=Ho
 
 def test_run_live_in_a_real_pty_quits_on_q_and_restores_the_terminal() -> None:
     parent, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))  # rows, columns
     os.set_blocking(parent, False)
     proc = subprocess.Popen(
         [sys.executable, "-c", LIVE_SCRIPT, os.path.dirname(__file__)],
         stdin=child,
         stdout=child,
         stderr=child,
-        env={**os.environ, "COLUMNS": "150", "LINES": "40"},
+        env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
     )
     os.close(child)
     output = b""
