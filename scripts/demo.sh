@@ -28,7 +28,7 @@ cleanup
 ip route add unreachable 198.51.100.0/24 metric "$METRIC"
 ip -6 route add unreachable 2001:db8::/32 metric "$METRIC"
 
-# The upstream: a netns with a web server on 198.51.100.1 and a second address .2
+# The upstream: a netns with a web server on 198.51.100.1 and a UDP listener on .2:53
 ip netns add "$NS"
 ip link add "$HOST_VETH" type veth peer name eth0 netns "$NS"
 ip addr add 198.51.100.254/24 dev "$HOST_VETH"
@@ -40,7 +40,11 @@ ip -n "$NS" link set lo up
 ip -n "$NS" route add default via 198.51.100.254
 mkdir -p /tmp/egress-demo-www && echo "hello from upstream" > /tmp/egress-demo-www/index.html
 ip netns exec "$NS" timeout 3600 busybox httpd -f -p 198.51.100.1:80 -h /tmp/egress-demo-www &
-ip netns exec "$NS" timeout 3600 busybox nc -lk -u -p 5353 -s 198.51.100.2 >/dev/null &
+ip netns exec "$NS" timeout 3600 python3 -c 'import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("198.51.100.2", 53))
+while True:
+    s.recv(2048)' &
 sysctl -qw net.ipv4.ip_forward=1
 
 docker network create "$NET" >/dev/null
@@ -50,7 +54,7 @@ docker run -d --name demo-web --network "$NET" "$IMAGE" \
 docker run -d --name demo-api --network "$NET" "$IMAGE" \
   sh -c 'for i in $(seq 1 3600); do wget -q -O /dev/null http://demo-web/; wget -q -O /dev/null http://198.51.100.1/; sleep 1; done' >/dev/null
 docker run -d --name demo-worker --network "$NET" "$IMAGE" \
-  sh -c 'for i in $(seq 1 3600); do echo job | nc -u -w1 198.51.100.2 5353; ping -c 2 -W 1 198.51.100.1 >/dev/null; done' >/dev/null
+  sh -c 'for i in $(seq 1 3600); do nslookup -timeout=1 jobs.demo.internal 198.51.100.2 >/dev/null 2>&1; ping -c 2 -W 1 198.51.100.1 >/dev/null; done' >/dev/null
 
 echo "demo: containers demo-web, demo-api, demo-worker on network $NET; upstream netns $NS (198.51.100.1-2)"
 .venv/bin/egress-top "$@"
