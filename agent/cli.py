@@ -460,6 +460,10 @@ def run(
     check_privileges()
     client = connect_docker()
     with _monitoring(client, flow_table_size, resolve_every) as monitor, _export_sink(export_path) as out:
+        observed = [c for c in monitor.inventory.containers if c.endpoints]
+        click.echo(
+            f"egress-agent: ready: {len(observed)} containers observed, watching for new ones", err=True
+        )
         for _ in _intervals(interval, None):
             snapshot = monitor.poll()
             if out is not None:
