@@ -127,12 +127,17 @@ def summary_markdown() -> str:
         for count in scaling["rule_counts"]:
             level = scaling["levels"][str(count)]
             cells = [
-                f"{level[kind][measure]['ratio_to_baseline']:.3f}"
+                f"{level[kind][measure]['ratio_to_baseline']:.3f}" if level[kind][measure] else "failed"
                 for measure in ("tcp_1_stream_bps", "udp_64B_pps")
                 for kind in ("egress-top", "iptables", "nftables")
             ]
             lines.append(f"| {count:,} | " + " | ".join(cells) + " |")
         lines += ["", "![rule scaling](rule_scaling.png)", ""]
+        if scaling.get("failures"):
+            lines += [
+                f"Runs that could not complete (counted as failed, not as 0): {json.dumps(scaling['failures'])}",
+                "",
+            ]
     read = _load("read_and_aggregate")
     if read:
         lines += [

@@ -12,22 +12,20 @@ import fcntl
 import json
 import os
 import statistics
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import docker
+from lab import Lab, Upstream, install_safety_routes, remove_safety_routes
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"  # python -m bench --results DIR writes elsewhere
 # One user of tc, netns and iperf3 at a time: the system tests take the same lock. The
 # suite's own smoke run of the bench, already holding it, names another.
 MACHINE_LOCK = Path(os.environ.get("EGRESS_TOP_BENCH_LOCK", "/tmp/ett-machine.lock"))
-sys.path.insert(0, str(REPO / "tests"))  # the lab is the tests' environment; the bench reuses it
-
-import docker  # noqa: E402
-from lab import Lab, Upstream, install_safety_routes, remove_safety_routes  # noqa: E402
 
 
 @dataclass(frozen=True)

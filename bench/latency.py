@@ -75,10 +75,12 @@ class Window:
         in_cycle = sorted(
             seq for seq, sent in received.items() if self.block_started - 0.05 <= sent <= self.unblocked + 0.2
         )
+        if len(in_cycle) < 100:
+            raise RuntimeError("the sender was not sending during a block cycle")
         for before, after in itertools.pairwise(in_cycle):
             if after - before > 1:
                 return received[before] + SEND_PERIOD, received[after]
-        raise AssertionError("nothing was dropped in a block cycle")
+        raise AssertionError("the sender kept getting through during a block cycle")
 
 
 def _agent() -> subprocess.Popen[str]:
@@ -94,6 +96,13 @@ def _agent() -> subprocess.Popen[str]:
         raise RuntimeError(f"egress-agent exited before it was ready: {agent.wait()}")
     threading.Thread(target=agent.stderr.read, daemon=True).start()
     return agent
+
+
+def _timed(*command: str | Path) -> tuple[float, float]:
+    """CLOCK_MONOTONIC when the command started and when it returned."""
+    started = time.clock_gettime(time.CLOCK_MONOTONIC)
+    subprocess.run([str(part) for part in command], check=True, capture_output=True)
+    return started, time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
 def attach_latency(env: Environment, settings: Settings) -> dict[str, Any]:
@@ -146,7 +155,7 @@ def block_latency(env: Environment, settings: Settings) -> dict[str, Any]:
     Negative: the rule was in force before the command returned."""
     container = env.lab.container("ettb-blocked", network=env.lab.network())
     agent = _agent()
-    seconds = settings.tries * 1.0 + 10
+    seconds = settings.tries * 2.5 + 10  # a cycle is ~1.5 s: two commands and two pauses
     with tempfile.TemporaryDirectory(prefix="ettb-latency-") as scratch:
         received_file = Path(scratch) / "received.json"
         receiver = subprocess.Popen(
@@ -186,21 +195,11 @@ def block_latency(env: Environment, settings: Settings) -> dict[str, Any]:
             time.sleep(0.5)
             windows, command_seconds = [], []
             for _ in range(settings.tries):
-                block_started = time.clock_gettime(time.CLOCK_MONOTONIC)
-                subprocess.run(
-                    [str(BIN / "egress-block"), container.name, UPSTREAM_V4_BLOCKME],
-                    check=True,
-                    capture_output=True,
-                )
-                blocked = time.clock_gettime(time.CLOCK_MONOTONIC)
+                block_started, blocked = _timed(BIN / "egress-block", container.name, UPSTREAM_V4_BLOCKME)
                 time.sleep(0.3)
-                unblock_started = time.clock_gettime(time.CLOCK_MONOTONIC)
-                subprocess.run(
-                    [str(BIN / "egress-unblock"), container.name, UPSTREAM_V4_BLOCKME],
-                    check=True,
-                    capture_output=True,
+                unblock_started, unblocked = _timed(
+                    BIN / "egress-unblock", container.name, UPSTREAM_V4_BLOCKME
                 )
-                unblocked = time.clock_gettime(time.CLOCK_MONOTONIC)
                 command_seconds.append(blocked - block_started)
                 windows.append(Window(block_started, blocked, unblock_started, unblocked))
                 time.sleep(0.3)

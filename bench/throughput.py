@@ -35,6 +35,10 @@ def non_matching_addresses(count: int) -> list[str]:
     return [str(ipaddress.IPv4Address(NON_MATCHING_BASE + n)) for n in range(count)]
 
 
+class MeasurementFailed(Exception):
+    """A run that produced no figure (e.g. iperf3 could not finish through 100k iptables rules)."""
+
+
 @dataclass
 class Scenario:
     name: str
@@ -72,7 +76,7 @@ class Bench:
         )
 
     def close(self) -> None:
-        self.server.kill()
+        self.server.terminate()  # SIGTERM: `timeout` passes it on to iperf3 (SIGKILL would orphan it)
         self.server.wait()
         detach(self.ifindex)
         self.datapath.sync_policy([])
@@ -161,12 +165,12 @@ class Bench:
             "-J",
             *extra,
         ]
-        for _attempt in range(10):
+        for _attempt in range(3):
             report = json.loads(subprocess.run(command, capture_output=True, text=True).stdout or "{}")
             if "error" not in report and "end" in report:
                 return report
             time.sleep(0.5)
-        raise RuntimeError(f"iperf3 failed: {report.get('error')}")
+        raise MeasurementFailed(report.get("error") or "no report (iperf3 timed out)")
 
     def tcp_bits_per_second(self, streams: int) -> float:
         return float(self.iperf("-P", str(streams))["end"]["sum_received"]["bits_per_second"])
@@ -184,15 +188,22 @@ class Bench:
 
 
 def interleave(
-    scenarios: list[Scenario], measures: dict[str, Callable[[], float]], repetitions: int
+    scenarios: list[Scenario],
+    measures: dict[str, Callable[[], float]],
+    repetitions: int,
+    failures: dict[str, dict[str, list[str]]],
 ) -> dict[str, dict[str, list[float]]]:
+    """Samples per scenario and measure; a run that could not complete goes to `failures`."""
     samples: dict[str, dict[str, list[float]]] = {s.name: {m: [] for m in measures} for s in scenarios}
     for _ in range(repetitions):
         for scenario in scenarios:
             scenario.setup()
             try:
                 for name, measure in measures.items():
-                    samples[scenario.name][name].append(measure())
+                    try:
+                        samples[scenario.name][name].append(measure())
+                    except MeasurementFailed as failure:
+                        failures.setdefault(scenario.name, {}).setdefault(name, []).append(str(failure))
             finally:
                 scenario.teardown()
     return samples
@@ -203,7 +214,10 @@ def with_ratios(samples: dict[str, dict[str, list[float]]], baseline: str) -> di
     for scenario, by_measure in samples.items():
         table[scenario] = {}
         for measure, values in by_measure.items():
-            stats = summary(values)
+            if not values:
+                table[scenario][measure] = None  # every run failed: see "failures"
+                continue
+            stats: dict[str, Any] = summary(values)
             stats["ratio_to_baseline"] = stats["median"] / summary(samples[baseline][measure])["median"]
             table[scenario][measure] = stats
     return table
@@ -218,8 +232,10 @@ def datapath_cost(bench: Bench) -> dict[str, Any]:
         bench.iptables(rules),
         bench.nft_set(rules),
     ]
-    samples = interleave(scenarios, bench.measures(with_parallel=True), bench.settings.repetitions)
+    failures: dict[str, dict[str, list[str]]] = {}
+    samples = interleave(scenarios, bench.measures(with_parallel=True), bench.settings.repetitions, failures)
     result = {
+        "failures": failures,
         "rules": rules,
         "seconds_per_run": bench.settings.seconds,
         "scenarios": with_ratios(samples, "no program"),
@@ -231,10 +247,11 @@ def datapath_cost(bench: Bench) -> dict[str, Any]:
 def rule_scaling(bench: Bench) -> dict[str, Any]:
     """For each rule count: baseline, ours, iptables, nftables, interleaved at that count."""
     levels: dict[str, Any] = {}
+    failures: dict[str, dict[str, list[str]]] = {}
     measures = bench.measures(with_parallel=False)
     for count in bench.settings.rule_counts:
         scenarios = [bench.nothing(), bench.ours(count), bench.iptables(count), bench.nft_set(count)]
-        samples = interleave(scenarios, measures, bench.settings.scaling_repetitions)
+        samples = interleave(scenarios, measures, bench.settings.scaling_repetitions, failures)
         levels[str(count)] = {
             kind: stats
             for kind, stats in zip(
@@ -243,7 +260,7 @@ def rule_scaling(bench: Bench) -> dict[str, Any]:
                 strict=True,
             )
         }
-    result = {"rule_counts": list(bench.settings.rule_counts), "levels": levels}
+    result = {"rule_counts": list(bench.settings.rule_counts), "levels": levels, "failures": failures}
     write_result("rule_scaling", result)
     plot_scaling(result, bench.settings)
     return result
@@ -262,16 +279,14 @@ def plot_scaling(result: dict[str, Any], settings: Settings) -> Path:
         axes, ("tcp_1_stream_bps", "udp_64B_pps"), ("TCP, 1 stream", "UDP 64-byte packets/s"), strict=True
     ):
         for kind in ("egress-top", "iptables", "nftables"):
-            axis.plot(
-                x,
-                [result["levels"][str(c)][kind][measure]["ratio_to_baseline"] for c in counts],
-                marker="o",
-                label=kind,
-            )
+            ratios = [
+                (result["levels"][str(c)][kind][measure] or {}).get("ratio_to_baseline") for c in counts
+            ]
+            axis.plot(x, [float("nan") if r is None else r for r in ratios], marker="o", label=kind)
         axis.set_xscale("log")
         axis.set_xlabel("non-matching rules (0 plotted at 1)")
         axis.set_ylabel("throughput / no program")
-        axis.set_ylim(0, 1.15)
+        axis.set_ylim(0, 1.3)
         axis.axhline(0.97, color="grey", linestyle=":", linewidth=1)
         axis.set_title(title)
         axis.legend()
