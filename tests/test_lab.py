@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lab import UPSTREAM_V4, UPSTREAM_V4_OTHER, UPSTREAM_V6, Lab, sh
+from lab import UPSTREAM_V4, UPSTREAM_V4_OTHER, UPSTREAM_V6, Lab, sh, wait_until
 
 
 def test_safety_routes_are_in_place(upstream) -> None:
@@ -23,7 +23,8 @@ def test_tcp_sink_and_connect(lab: Lab, upstream) -> None:
     sink = upstream.tcp_sink(4002)
     container = lab.container("lab", network=lab.network())
     assert lab.tcp_connect(container, UPSTREAM_V4_OTHER, 4002, payload=100)
-    assert sink.wait_for(1, timeout=5) == (1, 100)
+    # the connection is counted on accept, its bytes a moment later
+    wait_until(lambda: sink.counts() == (1, 100), timeout=5)
     assert not lab.tcp_connect(container, UPSTREAM_V4_OTHER, 4003, timeout=1)  # nothing listens
 
 
