@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -233,8 +234,6 @@ def _run_stream(
 def _only(snapshot: Snapshot, container_ids: set[str] | None) -> Snapshot:
     if container_ids is None:
         return snapshot
-    from dataclasses import replace
-
     return replace(snapshot, stats=tuple(s for s in snapshot.stats if s.container.id in container_ids))
 
 

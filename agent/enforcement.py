@@ -12,6 +12,8 @@ import socket
 import time
 from collections.abc import Iterable
 
+import numpy as np
+
 from agent.datapath import (
     Maps,
     check_privileges,
@@ -23,7 +25,7 @@ from agent.datapath import (
     release_if_unheld,
 )
 from agent.errors import EXIT_USAGE, UserError
-from agent.flows import format_address
+from agent.flows import flow_keys
 from agent.headers import ensure_kernel_headers
 from agent.model import Container, FlowKey, Inventory
 from agent.policy import Resolver, Rule, RuleStore, StoreContents, lpm_entries, refresh_names, winning_rule
@@ -150,23 +152,8 @@ def _sync_if_attached(store: RuleStore, inventory: Inventory, veths: set[int]) -
 def flows_of(maps: Maps, container: Container) -> list[FlowKey]:
     """The container's flows in the flow table now (for --dry-run)."""
     read = maps.read_flows()
-    veths = {ep.ifindex for ep in container.endpoints}
-    keys = []
-    for key in read.keys:
-        if int(key["ifindex"]) in veths:
-            family = int(key["family"])
-            keys.append(
-                FlowKey(
-                    ifindex=int(key["ifindex"]),
-                    family=family,
-                    proto=int(key["proto"]),
-                    src=format_address(family, bytes(key["src_addr"])),
-                    dst=format_address(family, bytes(key["dst_addr"])),
-                    src_port=int(key["src_port"]),
-                    dst_port=int(key["dst_port"]),
-                )
-            )
-    return keys
+    veths = [ep.ifindex for ep in container.endpoints]
+    return flow_keys(read.keys[np.isin(read.keys["ifindex"], veths)])
 
 
 def verdict_changes(

@@ -65,6 +65,25 @@ def format_address(family: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw)
 
 
+def flow_keys(keys: np.ndarray) -> list[FlowKey]:
+    """FlowKeys for rows of the flow map. Columns go to Python lists first: reading
+    numpy scalars one field at a time costs several times more per flow."""
+    columns = {name: keys[name].tolist() for name in ("ifindex", "family", "proto", "src_port", "dst_port")}
+    src_addrs, dst_addrs = keys["src_addr"].tolist(), keys["dst_addr"].tolist()
+    return [
+        FlowKey(
+            ifindex=columns["ifindex"][row],
+            family=columns["family"][row],
+            proto=columns["proto"][row],
+            src=format_address(columns["family"][row], src_addrs[row]),
+            dst=format_address(columns["family"][row], dst_addrs[row]),
+            src_port=columns["src_port"][row],
+            dst_port=columns["dst_port"][row],
+        )
+        for row in range(len(keys))
+    ]
+
+
 def classify_destination(
     dst: str, inventory: Inventory, by_address: Mapping[str, Container]
 ) -> tuple[DstKind, str | None]:
@@ -141,24 +160,17 @@ class FlowAggregator:
     def _flows(
         self, keys: np.ndarray, stats: np.ndarray, deltas: np.ndarray, inventory: Inventory
     ) -> list[Flow]:
-        """Flow objects for the given rows. Columns go to Python lists first: reading
-        numpy scalars one field at a time costs several times more per flow."""
+        """Flow objects for the given rows of the map."""
         by_ifindex = inventory.container_by_ifindex()
         by_address = inventory.container_by_address()
         kinds: dict[str, tuple[DstKind, str | None]] = {}
-        columns = {
-            name: keys[name].tolist() for name in ("ifindex", "family", "proto", "src_port", "dst_port")
-        }
-        src_addrs, dst_addrs = keys["src_addr"].tolist(), keys["dst_addr"].tolist()
         counters = {name: stats[name].tolist() for name in FLOW_STATS_FIELDS}
         moved = {name: deltas[name].tolist() for name in DELTA_FIELDS}
         flows = []
-        for row in range(len(keys)):
-            family = columns["family"][row]
-            dst = format_address(family, dst_addrs[row])
-            if dst not in kinds:
-                kinds[dst] = classify_destination(dst, inventory, by_address)
-            kind, name = kinds[dst]
+        for row, key in enumerate(flow_keys(keys)):
+            if key.dst not in kinds:
+                kinds[key.dst] = classify_destination(key.dst, inventory, by_address)
+            kind, name = kinds[key.dst]
             flow_counters = FlowCounters(
                 bytes=counters["bytes"][row],
                 packets=counters["packets"][row],
@@ -171,17 +183,9 @@ class FlowAggregator:
             )
             flows.append(
                 Flow(
-                    key=FlowKey(
-                        ifindex=columns["ifindex"][row],
-                        family=family,
-                        proto=columns["proto"][row],
-                        src=format_address(family, src_addrs[row]),
-                        dst=dst,
-                        src_port=columns["src_port"][row],
-                        dst_port=columns["dst_port"][row],
-                    ),
+                    key=key,
                     counters=flow_counters,
-                    container=by_ifindex.get(columns["ifindex"][row]),
+                    container=by_ifindex.get(key.ifindex),
                     bytes_delta=moved["bytes"][row],
                     packets_delta=moved["packets"][row],
                     dropped_packets_delta=moved["dropped_packets"][row],
