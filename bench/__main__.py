@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 import platform
+import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +50,8 @@ def main() -> None:
     if args.results:
         os.environ["EGRESS_TOP_BENCH_RESULTS"] = args.results
     settings = SMOKE if args.smoke else QUICK if args.quick else FULL
+    # SIGTERM unwinds like an exception, so the environment's cleanup still runs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     only = set(args.only)
     started = time.time()
     with environment() as env:
