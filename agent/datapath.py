@@ -92,7 +92,8 @@ class FlowTableRead:
 
     keys: np.ndarray  # FLOW_KEY_DTYPE
     stats: np.ndarray  # FLOW_STATS_DTYPE
-    monotonic_ns: int
+    monotonic_ns: int  # when the read ended
+    started_ns: int  # when it began: a flow counted during the read may or may not be in it
 
 
 @dataclass(frozen=True)
@@ -304,13 +305,14 @@ class Maps:
             pinned.close()
 
     def read_flows(self) -> FlowTableRead:
+        started = _monotonic_ns()
         keys = np.empty(self.flow_table_size, FLOW_KEY_DTYPE)
         stats = np.empty(self.flow_table_size, FLOW_STATS_DTYPE)
         count = self._lookup_batch(keys, stats) if self._batch_supported else None
         if count is None:
             self._batch_supported = False
             count = self._lookup_one_by_one(keys, stats)
-        return FlowTableRead(keys[:count], stats[:count], _monotonic_ns())
+        return FlowTableRead(keys[:count], stats[:count], _monotonic_ns(), started)
 
     def _lookup_batch(self, keys: np.ndarray, stats: np.ndarray) -> int | None:
         """Chunked BPF_MAP_LOOKUP_BATCH straight into numpy: ~5x faster than BCC's

@@ -82,6 +82,7 @@ class Monitor:
                 table_size=self.datapath.flow_table_size,
                 flows_created=self.datapath.flows_created(),
                 dropped_by_ifindex={i: c.dropped_packets for i, c in counters.items()},
+                read_started_ns=read.started_ns,
             ),
             self.inventory,
         )

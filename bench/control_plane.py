@@ -77,8 +77,14 @@ def read_and_aggregate(settings: Settings) -> dict[str, Any]:
                 moved = read.stats.copy()
                 moved["bytes"][::100] += 100 * (repetition + 1)
                 moved["packets"][::100] += repetition + 1
+                moved["last_seen_ns"][::100] = read.monotonic_ns  # as the datapath stamps a moving flow
                 started = time.perf_counter()
-                aggregator.update(TableRead(read.keys, moved, read.monotonic_ns, 2 * count, count), inventory)
+                aggregator.update(
+                    TableRead(
+                        read.keys, moved, read.monotonic_ns, 2 * count, count, read_started_ns=read.started_ns
+                    ),
+                    inventory,
+                )
                 aggregations.append(time.perf_counter() - started)
             assert len(read.keys) == count, f"read {len(read.keys)} of {count} flows"
             # the first aggregation is the baseline (no deltas): not representative
@@ -127,6 +133,7 @@ def agent_cost(env: Environment, settings: Settings, flows: int = 100_000) -> di
             while not stop.wait(1.0):
                 stats["bytes"][::100] += 1000
                 stats["packets"][::100] += 1
+                stats["last_seen_ns"][::100] = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
                 fill(maps, keys[::100].copy(), stats[::100].copy())
 
         mover = threading.Thread(target=move_one_percent, daemon=True)

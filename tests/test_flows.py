@@ -196,3 +196,17 @@ def test_update_of_100k_flows_fits_the_budget() -> None:
     assert len(snapshot.flows) == n_flows // 10
     assert sum(s.bytes_delta for s in snapshot.stats) == 500 * n_flows // 10
     assert elapsed < 1.0, f"aggregating 100k flows took {elapsed:.3f}s"
+
+
+def test_only_flows_seen_since_the_previous_read_started_are_diffed() -> None:
+    """last_seen older than the previous read's start: the flow cannot have moved. A packet
+    counted while the previous read ran (last_seen after its start) is still attributed."""
+    aggregator = FlowAggregator()
+    keys, stats = table((*WEB_TO_OUT, 100, 1), (*WEB_TO_DB, 100, 1))
+    stats["last_seen_ns"] = 50
+    aggregator.update(TableRead(keys, stats.copy(), 100, 1024, 2, read_started_ns=90), INVENTORY)
+    stats["bytes"] += 60
+    stats["packets"] += 1
+    stats["last_seen_ns"][0] = 95  # counted during the previous read, after it started
+    snapshot = aggregator.update(TableRead(keys, stats, 200, 1024, 2, read_started_ns=190), INVENTORY)
+    assert [(f.key.dst, f.bytes_delta) for f in snapshot.flows] == [("198.51.100.1", 60)]
