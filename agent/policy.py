@@ -378,7 +378,7 @@ class LpmEntry:
 
 
 def _datapath_traffic(rule: Rule, family: int) -> list[tuple[int, int]]:
-    """The (proto, port) pairs a rule occupies in a family's trie."""
+    """The (proto, port) pairs a rule's keys carry for its addresses of one family."""
     if rule.port is not None:
         return [(PROTO_NUMBERS[name], rule.port) for name in _port_protocols(rule)]
     if rule.proto == "any":

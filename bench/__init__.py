@@ -1,6 +1,1 @@
-"""Benchmarks: `sudo make bench`. The environment is the test lab (tests/lab.py)."""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+"""Benchmarks of egress-top: `sudo make bench` (see bench/__main__.py)."""

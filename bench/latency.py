@@ -1,243 +1,298 @@
-"""Latencies with egress-agent running: a new container's first packets, and how soon
-egress-block / egress-unblock take effect, measured by what the upstream received."""
+"""Latencies with `egress-agent run` running: a new container's first packets, and how
+soon egress-block / egress-unblock take effect, read from the datapath's own counters."""
 
 from __future__ import annotations
 
 import itertools
-import json
+import re
+import struct
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from lab import PYTHON, UPSTREAM_V4, UPSTREAM_V4_BLOCKME, wait_until
-from runner import veth_ifindexes
+import numpy as np
 
-from agent.datapath import Maps, our_filters
-from bench.common import REPO, Environment, Settings, percentile, summary, write_result
+from agent.datapath import FLOW_KEY_DTYPE, FLOW_STATS_DTYPE, Maps, our_filters
+from bench.common import BIN, Results, Settings, latency_summary, progress, spread
+from bench.control_plane import AgentProcess, wait_until
+from bench.environment import (
+    HOST_PYTHON,
+    UPSTREAM_BLOCKED,
+    UPSTREAM_NETNS,
+    UPSTREAM_PING,
+    Environment,
+    netns_exec,
+)
 
-BIN = REPO / ".venv" / "bin"
 PINGS = 20
-SEND_PERIOD = 0.001  # the block sender: one datagram per millisecond
+PING_INTERVAL = "0.01"
+BLOCK_PORT = 5999
+SENDER_PORT = 40999
+SEND_PERIOD = 0.001  # the block/unblock sender: one datagram per millisecond
+POLL_PERIOD = 0.0002  # the counter poller
+PAUSE = 0.25  # between a block and the unblock, and between cycles
+VERDICT_DROPPED = 1
+IPPROTO_ICMP, IPPROTO_UDP = 1, 17
+FLOW_KEY = struct.Struct("=IBBHHH16s16s")  # struct flow_key
 
-# Every datagram carries its sequence number and CLOCK_MONOTONIC send time (one
-# clock for every netns on the host), so the receiver knows when each was sent.
+# One datagram per SEND_PERIOD, from a fixed port (so the flow key is known), bounded in
+# count and time. Run by the host's Python inside the container's netns.
 SENDER = r"""
-import socket, struct, sys, time
-dst, port, seconds, period = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+import socket, sys, time
+dst, port, src_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+seconds, period = float(sys.argv[4]), float(sys.argv[5])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-start = time.clock_gettime(time.CLOCK_MONOTONIC)
-seq = 0
-while True:
-    now = time.clock_gettime(time.CLOCK_MONOTONIC)
-    if now - start > seconds:
-        break
+s.bind(("0.0.0.0", src_port))
+start = time.monotonic()
+limit = int(seconds / period)
+for seq in range(limit):
     try:
-        s.sendto(struct.pack("!Id", seq, now), (dst, port))
+        s.sendto(seq.to_bytes(4, "big"), (dst, port))
     except OSError:
-        pass  # a dropped datagram can come back as an error on the socket
-    seq += 1
-    time.sleep(max(0.0, start + seq * period - time.clock_gettime(time.CLOCK_MONOTONIC)))
-print(seq)
+        pass
+    time.sleep(max(0.0, start + (seq + 1) * period - time.monotonic()))
 """
-RECEIVER = r"""
-import json, socket, struct, sys, time
-address, port, seconds, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+# Somewhere for the datagrams to go (no ICMP port-unreachable back), bounded in time.
+DISCARD = r"""
+import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((address, port))
+s.bind((sys.argv[1], int(sys.argv[2])))
 s.settimeout(0.5)
-received = []
-end = time.monotonic() + seconds
+end = time.monotonic() + float(sys.argv[3])
 while time.monotonic() < end:
     try:
-        received.append(struct.unpack("!Id", s.recv(64)))
+        s.recv(64)
     except socket.timeout:
-        continue
-json.dump(received, open(out, "w"))
+        pass
 """
+
+
+def _monotonic_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # the clock of bpf_ktime_get_ns
+
+
+def _address_bytes(address: str) -> bytes:
+    return IPv4Address(address).packed.ljust(16, b"\0")  # as struct flow_key holds IPv4
+
+
+def _to(keys: np.ndarray, address: str) -> np.ndarray:
+    """Rows of the flow table whose destination is `address`."""
+    return keys["dst_addr"].view("S16") == _address_bytes(address)
+
+
+def udp_flow_key(ifindex: int, source: str, source_port: int, destination: str, port: int) -> bytes:
+    """struct flow_key (bpf/egress_maps.h) of one UDP flow."""
+    key = FLOW_KEY.pack(
+        ifindex, 4, IPPROTO_UDP, source_port, port, 0, _address_bytes(source), _address_bytes(destination)
+    )
+    assert len(key) == FLOW_KEY_DTYPE.itemsize
+    return key
+
+
+# --- attach: container start -> first packet counted ----------------------------------
+
+
+def attach_latency(env: Environment, maps: Maps, tries: int) -> dict[str, Any]:
+    """Each container pings from its first instant (a numbered burst: PINGS echo requests,
+    PING_INTERVAL apart); the pings its flow counted versus the ones ping sent are the
+    packets missed before our program was on its veth."""
+    missed, first_counted_ms = [], []
+    for attempt in range(tries):
+        _forget_flows_to(maps, UPSTREAM_PING)
+        container = env.container(
+            f"start{attempt:02d}",
+            ["ping", "-c", str(PINGS), "-i", PING_INTERVAL, "-W", "1", UPSTREAM_PING],
+            start=False,
+        )
+        start_called = _monotonic_ns()
+        container.start()
+        container.wait(timeout=30)
+        sent = _pings_sent(container.logs().decode())
+        read = maps.read_flows()
+        pings = (read.keys["proto"] == IPPROTO_ICMP) & _to(read.keys, UPSTREAM_PING)
+        counted = int(read.stats["packets"][pings].sum())
+        missed.append(sent - counted)
+        if counted:
+            first_counted_ms.append((int(read.stats["first_seen_ns"][pings].min()) - start_called) / 1e6)
+        env.remove(container)
+    return {
+        "tries": tries,
+        "pings_per_try": PINGS,
+        "ping_interval_seconds": float(PING_INTERVAL),
+        "tries_with_no_packet_missed": sum(1 for m in missed if m == 0),
+        "missed_packets": spread([float(m) for m in missed]),
+        "start_call_to_first_counted_ms": latency_summary(first_counted_ms) if first_counted_ms else None,
+    }
+
+
+def _pings_sent(log: str) -> int:
+    match = re.search(r"(\d+) packets transmitted", log)
+    if match is None:
+        raise RuntimeError(f"ping printed no summary: {log[-300:]!r}")
+    return int(match.group(1))
+
+
+def _forget_flows_to(maps: Maps, address: str) -> None:
+    read = maps.read_flows()
+    for key in read.keys[_to(read.keys, address)]:
+        maps.flows.delete(key.tobytes())
+
+
+# --- block / unblock: CLI exit -> first packet dropped / passing ----------------------
 
 
 @dataclass(frozen=True)
-class Window:
-    """One block/unblock cycle, in CLOCK_MONOTONIC seconds."""
+class Reading:
+    """The sender's flow, as one poll saw it."""
 
-    block_started: float
-    blocked: float  # egress-block returned
-    unblock_started: float
-    unblocked: float  # egress-unblock returned
+    polled_ns: int
+    packets: int
+    dropped: int
+    last_seen_ns: int
+    verdict: int
 
-    def gap(self, received: dict[int, float]) -> tuple[float, float]:
-        """Send times of the first datagram lost in this cycle and of the first one
-        through again after it. Sequence numbers make the lost ones visible."""
-        in_cycle = sorted(
-            seq for seq, sent in received.items() if self.block_started - 0.05 <= sent <= self.unblocked + 0.2
-        )
-        if len(in_cycle) < 100:
-            raise RuntimeError("the sender was not sending during a block cycle")
-        for before, after in itertools.pairwise(in_cycle):
-            if after - before > 1:
-                return received[before] + SEND_PERIOD, received[after]
-        raise AssertionError("the sender kept getting through during a block cycle")
+    @property
+    def forwarded(self) -> int:
+        return self.packets - self.dropped
 
 
-def _agent() -> subprocess.Popen[str]:
-    """egress-agent run, returned once it says it is ready; its stderr keeps being drained."""
-    agent = subprocess.Popen(
-        [str(BIN / "egress-agent"), "run", "-i", "0.2"], stderr=subprocess.PIPE, text=True
+class FlowPoller(threading.Thread):
+    """Reads one flow's counters every POLL_PERIOD and keeps every change."""
+
+    def __init__(self, maps: Maps, key: bytes):
+        super().__init__(daemon=True)
+        self.maps, self.key = maps, key
+        self.readings: list[Reading] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        previous = None
+        while not self.stop_event.is_set():
+            value = self.maps.flows.lookup(self.key)
+            if value is not None:
+                stats = np.frombuffer(value, FLOW_STATS_DTYPE)[0]
+                counters = (int(stats["packets"]), int(stats["dropped_packets"]))
+                if counters != previous:
+                    previous = counters
+                    self.readings.append(
+                        Reading(_monotonic_ns(), *counters, int(stats["last_seen_ns"]), int(stats["verdict"]))
+                    )
+            time.sleep(POLL_PERIOD)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join()
+
+
+@dataclass(frozen=True)
+class Cycle:
+    """One egress-block / egress-unblock pair, in CLOCK_MONOTONIC nanoseconds."""
+
+    block_called: int
+    block_returned: int
+    unblock_called: int
+    unblock_returned: int
+
+    def first_change(self, readings: list[Reading], after: int, counter: str) -> int | None:
+        """When the first packet after `after` moved `counter` (dropped or forwarded): its own
+        timestamp when the poll saw it alone, else the poll time (a bound)."""
+        for previous, reading in itertools.pairwise(readings):
+            if reading.polled_ns <= after:
+                continue
+            grew = getattr(reading, counter) - getattr(previous, counter)
+            if grew > 0:
+                alone = grew == 1 and reading.packets - previous.packets == 1
+                return reading.last_seen_ns if alone else reading.polled_ns
+        return None
+
+    def forwarded_while_blocked(self, readings: list[Reading]) -> int:
+        """Packets that passed after egress-block returned and before egress-unblock was run."""
+        at_return = [r for r in readings if r.polled_ns <= self.block_returned]
+        before_unblock = [r for r in readings if r.polled_ns <= self.unblock_called]
+        if not at_return or not before_unblock:
+            return 0
+        return before_unblock[-1].forwarded - at_return[-1].forwarded
+
+
+def _timed(command: list[str]) -> tuple[int, int]:
+    called = _monotonic_ns()
+    subprocess.run(command, check=True, capture_output=True, timeout=60)
+    return called, _monotonic_ns()
+
+
+def block_latency(env: Environment, maps: Maps, tries: int) -> dict[str, Any]:
+    """A sender in the container sends a datagram every ms; each cycle runs egress-block,
+    waits, runs egress-unblock, waits. A poller reads the sender's flow counters."""
+    container = env.container("blocked")
+    ifindex = env.veth_ifindexes([container])[container.name]
+    wait_until(lambda: ifindex in our_filters(), 30, "the agent to attach to the sender's container")
+    container.reload()
+    address = container.attrs["NetworkSettings"]["Networks"]["ettb-net"]["IPAddress"]
+    seconds = tries * (2 * PAUSE + 2.0) + 5  # generous: the commands take well under 1 s each
+    discard_args = [UPSTREAM_BLOCKED, str(BLOCK_PORT), str(seconds + 5)]
+    discard = subprocess.Popen(
+        ["ip", "netns", "exec", UPSTREAM_NETNS, HOST_PYTHON, "-c", DISCARD, *discard_args]
     )
-    assert agent.stderr is not None
-    for line in agent.stderr:
-        if "ready" in line:
-            break
-    else:
-        raise RuntimeError(f"egress-agent exited before it was ready: {agent.wait()}")
-    threading.Thread(target=agent.stderr.read, daemon=True).start()
-    return agent
-
-
-def _timed(*command: str | Path) -> tuple[float, float]:
-    """CLOCK_MONOTONIC when the command started and when it returned."""
-    started = time.clock_gettime(time.CLOCK_MONOTONIC)
-    subprocess.run([str(part) for part in command], check=True, capture_output=True)
-    return started, time.clock_gettime(time.CLOCK_MONOTONIC)
-
-
-def attach_latency(env: Environment, settings: Settings) -> dict[str, Any]:
-    """Container start -> first packet counted, and pings missed before the attach."""
-    net = env.lab.network()
-    agent = _agent()
-    missed, first_counted = [], []
+    sender_args = [UPSTREAM_BLOCKED, str(BLOCK_PORT), str(SENDER_PORT), str(seconds), str(SEND_PERIOD)]
+    sender = subprocess.Popen([*netns_exec(env.pid(container)), HOST_PYTHON, "-c", SENDER, *sender_args])
+    poller = FlowPoller(maps, udp_flow_key(ifindex, address, SENDER_PORT, UPSTREAM_BLOCKED, BLOCK_PORT))
+    poller.start()
+    cycles, block_seconds, unblock_seconds = [], [], []
+    target = [container.name, UPSTREAM_BLOCKED]
     try:
-        maps = Maps()
-        for attempt in range(settings.tries):
-            for key in maps.flows.list_keys():
-                maps.flows.delete(key)
-            container = env.lab.container(
-                f"ettb-start{attempt}",
-                network=net,
-                start=False,
-                command=["ping", "-c", str(PINGS), "-i", "0.05", "-W", "1", UPSTREAM_V4],
-            )
-            started = time.clock_gettime(time.CLOCK_MONOTONIC)
-            container.start()
-            container.wait(timeout=30)
-            read = maps.read_flows()
-            pings = read.keys["proto"] == 1
-            counted = int(read.stats["packets"][pings].sum())
-            missed.append(PINGS - counted)
-            if counted:
-                first_counted.append(int(read.stats["first_seen_ns"][pings].min()) / 1e9 - started)
-            container.remove(force=True)
-        maps.close()
+        wait_until(lambda: len(poller.readings) > 100, 10, "the sender's flow to be counted")
+        for _ in range(tries):
+            block_called, block_returned = _timed([str(BIN / "egress-block"), *target])
+            time.sleep(PAUSE)
+            unblock_called, unblock_returned = _timed([str(BIN / "egress-unblock"), *target])
+            time.sleep(PAUSE)
+            cycles.append(Cycle(block_called, block_returned, unblock_called, unblock_returned))
+            block_seconds.append((block_returned - block_called) / 1e9)
+            unblock_seconds.append((unblock_returned - unblock_called) / 1e9)
     finally:
-        agent.terminate()
-        agent.wait(timeout=30)
-    no_miss = sum(1 for m in missed if m == 0) / len(missed)
+        poller.stop()
+        for process in (sender, discard):
+            process.kill()
+            process.wait()
+    env.remove(container)
+    readings = poller.readings
+    to_drop, to_pass, unseen = [], [], 0
+    for cycle in cycles:
+        dropped_at = cycle.first_change(readings, cycle.block_called, "dropped")
+        passing_at = cycle.first_change(readings, cycle.unblock_called, "forwarded")
+        if dropped_at is None or passing_at is None:
+            unseen += 1
+            continue
+        to_drop.append((dropped_at - cycle.block_returned) / 1e6)
+        to_pass.append((passing_at - cycle.unblock_returned) / 1e6)
     return {
-        "tries": len(missed),
-        "pings_per_try": PINGS,
-        "tries_with_no_packet_missed": no_miss,
-        "missed_packets": summary([float(m) for m in missed]),
-        "start_call_to_first_counted_ms": {
-            "p50": 1000 * percentile(first_counted, 0.5),
-            "p99": 1000 * percentile(first_counted, 0.99),
-        }
-        if first_counted
-        else None,
-    }
-
-
-def block_latency(env: Environment, settings: Settings) -> dict[str, Any]:
-    """egress-block returning -> first dropped datagram; egress-unblock returning -> passing again.
-    Negative: the rule was in force before the command returned."""
-    container = env.lab.container("ettb-blocked", network=env.lab.network())
-    agent = _agent()
-    seconds = settings.tries * 2.5 + 10  # a cycle is ~1.5 s: two commands and two pauses
-    with tempfile.TemporaryDirectory(prefix="ettb-latency-") as scratch:
-        received_file = Path(scratch) / "received.json"
-        receiver = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                env.upstream.netns,
-                PYTHON,
-                "-c",
-                RECEIVER,
-                UPSTREAM_V4_BLOCKME,
-                "5999",
-                str(seconds + 5),
-                str(received_file),
-            ]
-        )
-        sender = None
-        try:
-            wait_until(lambda: veth_ifindexes(env.lab.pid(container)) <= set(our_filters()), timeout=30)
-            time.sleep(1)
-            sender = subprocess.Popen(
-                [
-                    "nsenter",
-                    f"--net=/proc/{env.lab.pid(container)}/ns/net",
-                    PYTHON,
-                    "-c",
-                    SENDER,
-                    UPSTREAM_V4_BLOCKME,
-                    "5999",
-                    str(seconds),
-                    str(SEND_PERIOD),
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            time.sleep(0.5)
-            windows, command_seconds = [], []
-            for _ in range(settings.tries):
-                block_started, blocked = _timed(BIN / "egress-block", container.name, UPSTREAM_V4_BLOCKME)
-                time.sleep(0.3)
-                unblock_started, unblocked = _timed(
-                    BIN / "egress-unblock", container.name, UPSTREAM_V4_BLOCKME
-                )
-                command_seconds.append(blocked - block_started)
-                windows.append(Window(block_started, blocked, unblock_started, unblocked))
-                time.sleep(0.3)
-            sender.wait(timeout=seconds + 10)
-            receiver.wait(timeout=30)
-            received = {seq: sent for seq, sent in json.loads(received_file.read_text())}
-        finally:
-            for process in (sender, receiver):
-                if process is not None and process.poll() is None:
-                    process.kill()
-            agent.terminate()
-            agent.wait(timeout=30)
-    block_ms, unblock_ms, leaked = [], [], 0
-    for window, (first_lost, first_back) in zip(windows, (w.gap(received) for w in windows), strict=True):
-        block_ms.append(1000 * (first_lost - window.blocked))
-        unblock_ms.append(1000 * (first_back - window.unblocked))
-        # datagrams sent after egress-block returned and before egress-unblock started, yet received
-        leaked += sum(1 for sent in received.values() if window.blocked < sent < window.unblock_started)
-    return {
-        "tries": len(windows),
+        "tries": tries,
         "send_period_ms": 1000 * SEND_PERIOD,
-        "block_return_to_first_drop_ms": {
-            "p50": percentile(block_ms, 0.5),
-            "p99": percentile(block_ms, 0.99),
-            "max": max(block_ms),
-        },
-        "datagrams_passed_after_block_returned": leaked,
-        "unblock_return_to_passing_ms": {
-            "p50": percentile(unblock_ms, 0.5),
-            "p99": percentile(unblock_ms, 0.99),
-        }
-        if unblock_ms
-        else None,
-        "egress_block_command_seconds": summary(command_seconds),
+        "poll_period_ms": 1000 * POLL_PERIOD,
+        "block_returned_to_first_drop_ms": latency_summary(to_drop) if to_drop else None,
+        "unblock_returned_to_first_pass_ms": latency_summary(to_pass) if to_pass else None,
+        "cycles_without_a_change_seen": unseen,
+        "packets_forwarded_after_block_returned": sum(c.forwarded_while_blocked(readings) for c in cycles),
+        "egress_block_command_seconds": spread(block_seconds),
+        "egress_unblock_command_seconds": spread(unblock_seconds),
     }
 
 
-def latencies(env: Environment, settings: Settings) -> dict[str, Any]:
-    result = {"attach": attach_latency(env, settings), "block": block_latency(env, settings)}
-    write_result("latency", result)
-    return result
+def latencies(env: Environment, settings: Settings, results: Results) -> Path:
+    agent = AgentProcess()
+    env.teardown.add("egress-agent", agent.stop)
+    maps = Maps()
+    try:
+        attach = attach_latency(env, maps, settings.latency_tries)
+        progress(
+            f"attach: no packet missed in {attach['tries_with_no_packet_missed']}/{attach['tries']} starts"
+        )
+        block = block_latency(env, maps, settings.latency_tries)
+    finally:
+        maps.close()
+        agent.stop()
+    return results.write("latency", {"agent": "egress-agent run -i 1", "attach": attach, "block": block})

@@ -33,7 +33,8 @@ UPSTREAM_V6 = "2001:db8:100::1"
 UPSTREAM_V6_OTHER = "2001:db8:100::2"
 HOST_UPSTREAM_V4 = "198.51.100.254"
 HOST_UPSTREAM_V6 = "2001:db8:100::fe"
-SAFETY_PREFIXES = ("198.51.100.0/24", "203.0.113.0/24", "192.0.2.0/24", "2001:db8::/32")
+# Never 192.0.2.0/24 or 203.0.113.0/24: on these machines they carry the host's own traffic.
+SAFETY_PREFIXES = ("198.51.100.0/24", "198.18.0.0/15", "2001:db8::/32")
 SAFETY_METRIC = "4242"
 PREFIX = "ett"
 RUN = f"{random.randrange(16**4):04x}"
@@ -430,3 +431,11 @@ class Lab:
             timeout=timeout + 10,
         )
         return out == "connected"
+
+
+def veths_with_clsact() -> list[str]:
+    """Veths that carry a clsact qdisc: after a test of ours, none should (we add it only to veths)."""
+    qdiscs = sh("tc", "qdisc", "show").stdout.splitlines()
+    return [
+        line.split(" dev ")[1].split()[0] for line in qdiscs if " clsact " in line and " dev veth" in line
+    ]

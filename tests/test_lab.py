@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from lab import UPSTREAM_V4, UPSTREAM_V4_OTHER, UPSTREAM_V6, Lab, sh, wait_until
+from lab import SAFETY_PREFIXES, UPSTREAM_V4, UPSTREAM_V4_OTHER, UPSTREAM_V6, Lab, sh, wait_until
 
 
 def test_safety_routes_are_in_place(upstream) -> None:
-    routes = sh("ip", "route", "show", "table", "main").stdout
-    assert "unreachable 203.0.113.0/24 metric 4242" in routes
-    assert "unreachable 2001:db8::/32" in sh("ip", "-6", "route", "show").stdout
+    v4 = sh("ip", "-4", "route", "show", "table", "main").stdout.splitlines()
+    v6 = sh("ip", "-6", "route", "show", "table", "main").stdout.splitlines()
+    for prefix in SAFETY_PREFIXES:
+        routes = v6 if ":" in prefix else v4
+        assert any(
+            line.split()[:2] == ["unreachable", prefix] and "metric 4242" in line for line in routes
+        ), prefix
+    # the machine's own prefixes are never touched
+    assert not [
+        line for line in v4 if line.startswith("unreachable") and ("192.0.2." in line or "203.0.113." in line)
+    ]
 
 
 def test_udp_sink_counts_exactly(lab: Lab, upstream) -> None:

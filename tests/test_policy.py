@@ -36,7 +36,7 @@ from agent.policy import (
     winning_rule,
 )
 
-TCP, UDP, ICMP, ICMPV6, GRE = 6, 17, 1, 58, 47
+TCP, UDP, ICMP, ICMPV6, GRE, SCTP = 6, 17, 1, 58, 47, 132
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 T1 = datetime(2024, 5, 1, 12, 5, 0, tzinfo=UTC)
 
@@ -223,7 +223,7 @@ def test_remove_of_a_missing_rule_lists_the_containers_rules(populated: RuleStor
 def test_no_rule_matching_means_allowed() -> None:
     rules = [make_rule(1, "198.51.100.0/24")]
     assert winning_rule([], "198.51.100.7", TCP, 443) is None
-    assert winning_rule(rules, "203.0.113.1", TCP, 443) is None
+    assert winning_rule(rules, "198.18.113.1", TCP, 443) is None
     assert winning_rule(rules, "2001:db8::1", TCP, 443) is None  # a v4 rule never matches v6
 
 
@@ -236,15 +236,15 @@ def test_longest_prefix_wins_and_allow_opens_a_hole_in_a_blocked_cidr() -> None:
 
 def test_port_beats_protocol_beats_neither_at_the_same_prefix() -> None:
     rules = [
-        make_rule(1, "203.0.113.0/24", port=443, proto="tcp"),
-        make_rule(2, "203.0.113.0/24", "allow", proto="tcp"),
-        make_rule(3, "203.0.113.0/24"),
+        make_rule(1, "198.18.113.0/24", port=443, proto="tcp"),
+        make_rule(2, "198.18.113.0/24", "allow", proto="tcp"),
+        make_rule(3, "198.18.113.0/24"),
     ]
     for order in (rules, rules[::-1]):  # specificity, not age, decides here
-        assert winning_rule(order, "203.0.113.5", TCP, 443).rule_id == 1
-        assert winning_rule(order, "203.0.113.5", TCP, 80).rule_id == 2
-        assert winning_rule(order, "203.0.113.5", UDP, 443).rule_id == 3
-        assert winning_rule(order, "203.0.113.5", ICMP, None).rule_id == 3
+        assert winning_rule(order, "198.18.113.5", TCP, 443).rule_id == 1
+        assert winning_rule(order, "198.18.113.5", TCP, 80).rule_id == 2
+        assert winning_rule(order, "198.18.113.5", UDP, 443).rule_id == 3
+        assert winning_rule(order, "198.18.113.5", ICMP, None).rule_id == 3
 
 
 def test_a_longer_prefix_beats_a_port() -> None:
@@ -270,29 +270,29 @@ def test_block_everything_plus_allows_is_an_allow_list() -> None:
 
 def test_icmp_means_icmpv6_for_ipv6_destinations() -> None:
     rules = [make_rule(1, "0.0.0.0/0", proto="icmp"), make_rule(2, "::/0", proto="icmp")]
-    assert winning_rule(rules, "192.0.2.1", ICMP, None).rule_id == 1
+    assert winning_rule(rules, "198.19.2.1", ICMP, None).rule_id == 1
     assert winning_rule(rules, "2001:db8::1", ICMPV6, None).rule_id == 2
     assert winning_rule(rules, "2001:db8::1", ICMP, None) is None
-    assert winning_rule(rules, "192.0.2.1", GRE, None) is None
+    assert winning_rule(rules, "198.19.2.1", GRE, None) is None
 
 
 def test_a_port_rule_needs_a_port_carrying_packet() -> None:
     rules = [make_rule(1, "0.0.0.0/0", port=53)]
-    assert winning_rule(rules, "192.0.2.1", UDP, 53).rule_id == 1
-    assert winning_rule(rules, "192.0.2.1", UDP, 54) is None
-    assert winning_rule(rules, "192.0.2.1", GRE, None) is None
+    assert winning_rule(rules, "198.19.2.1", UDP, 53).rule_id == 1
+    assert winning_rule(rules, "198.19.2.1", UDP, 54) is None
+    assert winning_rule(rules, "198.19.2.1", GRE, None) is None
 
 
 def test_equal_specificity_goes_to_the_later_rule() -> None:
-    any_port = make_rule(1, "203.0.113.0/24", port=53)
-    udp_port = make_rule(2, "203.0.113.0/24", "allow", port=53, proto="udp")
-    assert winning_rule([any_port, udp_port], "203.0.113.9", UDP, 53) == udp_port
-    assert winning_rule([udp_port, any_port], "203.0.113.9", UDP, 53) == any_port
-    assert winning_rule([any_port, udp_port], "203.0.113.9", TCP, 53) == any_port
-    by_name = make_rule(3, "api.example.com", "allow", addresses=["203.0.113.9/32"])
-    by_address = make_rule(4, "203.0.113.9")
-    assert winning_rule([by_name, by_address], "203.0.113.9", TCP, 80) == by_address
-    assert winning_rule([by_address, by_name], "203.0.113.9", TCP, 80) == by_name
+    any_port = make_rule(1, "198.18.113.0/24", port=53)
+    udp_port = make_rule(2, "198.18.113.0/24", "allow", port=53, proto="udp")
+    assert winning_rule([any_port, udp_port], "198.18.113.9", UDP, 53) == udp_port
+    assert winning_rule([udp_port, any_port], "198.18.113.9", UDP, 53) == any_port
+    assert winning_rule([any_port, udp_port], "198.18.113.9", TCP, 53) == any_port
+    by_name = make_rule(3, "api.example.com", "allow", addresses=["198.18.113.9/32"])
+    by_address = make_rule(4, "198.18.113.9")
+    assert winning_rule([by_name, by_address], "198.18.113.9", TCP, 80) == by_address
+    assert winning_rule([by_address, by_name], "198.18.113.9", TCP, 80) == by_name
 
 
 # --- compilation to LPM entries -----------------------------------------------------
@@ -313,7 +313,7 @@ def traffic_of(entries: Iterable[LpmEntry]) -> list[tuple[int, int, int]]:
         (make_rule(1, "2001:db8::/32", proto="icmp"), [(6, ICMPV6, 0)]),
         (make_rule(1, "2001:db8::/32", port=443), [(6, TCP, 443), (6, UDP, 443)]),
         (
-            make_rule(1, "dual.example.com", proto="icmp", addresses=["192.0.2.1/32", "2001:db8::1/128"]),
+            make_rule(1, "dual.example.com", proto="icmp", addresses=["198.19.2.1/32", "2001:db8::1/128"]),
             [(4, ICMP, 0), (6, ICMPV6, 0)],
         ),
     ],
@@ -329,9 +329,9 @@ def test_lpm_entries_for_each_rule_shape(rule: Rule, expected: list[tuple[int, i
 
 def test_lpm_entries_actions_slots_and_collisions() -> None:
     rules = [
-        make_rule(1, "203.0.113.0/24", port=53),
-        make_rule(2, "203.0.113.0/24", "allow", port=53, proto="udp"),
-        make_rule(3, "203.0.113.0/24", "allow", port=53, proto="udp", container="db"),
+        make_rule(1, "198.18.113.0/24", port=53),
+        make_rule(2, "198.18.113.0/24", "allow", port=53, proto="udp"),
+        make_rule(3, "198.18.113.0/24", "allow", port=53, proto="udp", container="db"),
     ]
     entries = lpm_entries(rules, {"web": 1, "db": 2})
     assert [(e.slot, e.proto, e.rule_id, e.action) for e in entries] == [
@@ -355,13 +355,15 @@ def test_lpm_entry_bytes_match_the_c_structs() -> None:
 
 
 def datapath_lookup(entries: Sequence[LpmEntry], slot: int, dst: str, proto: int, dport: int) -> int | None:
-    """What bpf/ does, with a bitwise LPM trie over the packed keys: up to three
-    lookups, the longest address prefix wins, ties go to the earlier lookup."""
+    """What policy_match() in bpf/egress.c does, over a bitwise LPM trie of the packed
+    keys: up to three lookups, the longest address prefix wins, ties go to the
+    earlier lookup."""
     address = ipaddress.ip_address(dst)
-    lookups = ([(proto, dport)] if proto in (TCP, UDP) else []) + [(proto, 0), (0, 0)]
+    lookups = ([(proto, dport)] if proto in (TCP, UDP, SCTP) and dport else []) + [(proto, 0), (0, 0)]
     best: LpmEntry | None = None
     for lookup_proto, lookup_port in lookups:
-        lookup = LpmEntry(address.version, slot, lookup_proto, lookup_port, address.packed, 0, 0, 0)
+        full_prefix = address.max_prefixlen
+        lookup = LpmEntry(address.version, slot, lookup_proto, lookup_port, address.packed, full_prefix, 0, 0)
         match = trie_lookup(entries, lookup.key_bytes())
         if match is not None and (best is None or match.addr_prefixlen > best.addr_prefixlen):
             best = match
@@ -374,8 +376,6 @@ def trie_lookup(entries: Sequence[LpmEntry], lookup_key: bytes) -> LpmEntry | No
     best: tuple[int, LpmEntry] | None = None
     for entry in entries:
         key = entry.key_bytes()
-        if len(key) != len(lookup_key):
-            continue  # the other family's trie
         prefixlen = int.from_bytes(key[:4], sys.byteorder)
         unmatched = data_bits - prefixlen
         matches = int.from_bytes(key[4:], "big") >> unmatched == wanted >> unmatched
@@ -391,8 +391,8 @@ def test_datapath_lookups_agree_with_winning_rule() -> None:
         make_rule(3, "198.51.100.0/24", "allow", proto="tcp"),
         make_rule(4, "198.51.100.7", port=443, proto="tcp"),
         make_rule(5, "198.51.100.7", "allow"),
-        make_rule(6, "203.0.113.0/24", "allow", port=53),
-        make_rule(7, "203.0.113.0/24", port=53, proto="udp"),
+        make_rule(6, "198.18.113.0/24", "allow", port=53),
+        make_rule(7, "198.18.113.0/24", port=53, proto="udp"),
         make_rule(8, "2001:db8::/32", "allow", proto="icmp"),
         make_rule(9, "2001:db8::53", port=53),
         make_rule(
@@ -403,13 +403,13 @@ def test_datapath_lookups_agree_with_winning_rule() -> None:
             proto="tcp",
             addresses=["198.51.100.7/32", "2001:db8::53/128"],
         ),
-        make_rule(11, "192.0.2.0/24", "allow", proto="icmp"),
+        make_rule(11, "198.19.2.0/24", "allow", proto="icmp"),
         make_rule(12, "198.51.100.7", "allow", port=443, proto="tcp", container="db"),
     ]
     slots = {"web": 1, "db": 2}
     entries = lpm_entries(rules, slots)
     assert len({entry.key_bytes() for entry in entries}) == len(entries)
-    destinations = ["198.51.100.7", "198.51.100.8", "203.0.113.9", "192.0.2.1", "8.8.8.8"]
+    destinations = ["198.51.100.7", "198.51.100.8", "198.18.113.9", "198.19.2.1", "8.8.8.8"]
     destinations += ["2001:db8::53", "2001:db8::1", "2001:4860::8888"]
     traffic = [
         (TCP, 443),
@@ -417,6 +417,7 @@ def test_datapath_lookups_agree_with_winning_rule() -> None:
         (TCP, 53),
         (UDP, 53),
         (UDP, 443),
+        (SCTP, 53),  # the datapath looks up its port too, but no rule names sctp
         (ICMP, None),
         (ICMPV6, None),
         (GRE, None),
@@ -488,22 +489,22 @@ def test_remove_matches_the_key_whatever_the_action(populated: RuleStore) -> Non
 
 
 def test_rule_ids_and_slots_are_never_reused(populated: RuleStore) -> None:
-    populated.add("db", "192.0.2.1", action="block")
+    populated.add("db", "198.19.2.1", action="block")
     removed = populated.remove_all("web")
     assert [rule.rule_id for rule in removed] == [1, 2]
     assert [rule.container for rule in populated.rules()] == ["db"]
     assert populated.remove_all("web") == []
-    rule, _ = populated.add("cache", "192.0.2.2", action="block")
+    rule, _ = populated.add("cache", "198.19.2.2", action="block")
     assert rule.rule_id == 4
     assert populated.slots() == {"web": 1, "db": 2, "cache": 3}
-    web_again, _ = populated.add("web", "192.0.2.3", action="block")
+    web_again, _ = populated.add("web", "198.19.2.3", action="block")
     assert (web_again.rule_id, populated.slots()["web"]) == (5, 1)
     assert populated.rules("cache") == [rule]
 
 
 def test_sync_pending_tracks_which_containers_exist(store: RuleStore) -> None:
-    store.add("web", "192.0.2.1", action="block", pending=True)
-    store.add("db", "192.0.2.1", action="block")
+    store.add("web", "198.19.2.1", action="block", pending=True)
+    store.add("db", "198.19.2.1", action="block")
     flipped = store.sync_pending({"web"})
     assert {(rule.container, rule.pending) for rule in flipped} == {("web", False), ("db", True)}
     before = digest(store.path)
@@ -521,7 +522,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_debris(
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(UserError) as caught:
-        populated.add("web", "192.0.2.1", action="block")
+        populated.add("web", "198.19.2.1", action="block")
     assert_one_line_error(caught.value, EXIT_STORE, "No space left on device")
     assert digest(populated.path) == before
     assert sorted(p.name for p in populated.state_dir.iterdir()) == ["rules.json", "rules.lock"]
@@ -536,7 +537,7 @@ def test_a_write_syncs_the_file_then_the_directory(store: RuleStore, monkeypatch
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
-    store.add("web", "192.0.2.1", action="block")
+    store.add("web", "198.19.2.1", action="block")
     assert synced == [False, True]
 
 
@@ -568,10 +569,10 @@ def test_a_held_lock_times_out_with_a_store_error(populated: RuleStore) -> None:
     with open(populated.lock_path) as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)
         with pytest.raises(UserError) as caught:
-            impatient.add("web", "192.0.2.1", action="block")
+            impatient.add("web", "198.19.2.1", action="block")
         assert_one_line_error(caught.value, EXIT_STORE, "locked by another process", str(populated.path))
         with pytest.raises(UserError) as caught:  # bad input is refused before waiting for the lock
-            RuleStore(populated.state_dir, lock_timeout=60).add("web", "192.0.2.1", action="block", port=0)
+            RuleStore(populated.state_dir, lock_timeout=60).add("web", "198.19.2.1", action="block", port=0)
         assert caught.value.exit_code == EXIT_USAGE
         with pytest.raises(UserError):
             impatient.rules()
@@ -629,7 +630,7 @@ def test_a_corrupt_store_is_refused_and_left_alone(store: RuleStore, content: by
     store.state_dir.mkdir()
     store.path.write_bytes(content)
     for operation in (
-        lambda: store.add("web", "192.0.2.1", action="block"),
+        lambda: store.add("web", "198.19.2.1", action="block"),
         lambda: store.remove_all("web"),
         store.rules,
     ):
@@ -684,11 +685,11 @@ def test_a_name_rule_keeps_what_the_name_resolved_to(store: RuleStore) -> None:
 
 
 def test_refresh_picks_up_new_addresses_and_keeps_old_ones_on_failure(store: RuleStore) -> None:
-    resolver = fake_resolver({"api.example.com": ["198.51.100.9"], "cdn.example.com": ["203.0.113.5"]})
+    resolver = fake_resolver({"api.example.com": ["198.51.100.9"], "cdn.example.com": ["198.18.113.5"]})
     api_web, _ = store.add("web", "api.example.com", action="block", resolver=resolver, now=T0)
     api_db, _ = store.add("db", "api.example.com", action="allow", resolver=resolver, now=T0)
     cdn, _ = store.add("web", "cdn.example.com", action="block", resolver=resolver, now=T0)
-    literal, _ = store.add("web", "192.0.2.1", action="block", now=T0)
+    literal, _ = store.add("web", "198.19.2.1", action="block", now=T0)
 
     moved = fake_resolver(
         {"api.example.com": ["198.51.100.10", "198.51.100.9"], "cdn.example.com": NOT_FOUND}

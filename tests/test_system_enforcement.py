@@ -282,7 +282,7 @@ def test_block_outlives_egress_top_and_counters_survive(lab: Lab, upstream) -> N
 
 def test_parallel_blocks_all_land_and_bad_input_changes_nothing(lab: Lab, state_dir: Path) -> None:
     web = lab.container("web", network=lab.network())
-    destinations = [f"203.0.113.{n}" for n in range(1, 11)]
+    destinations = [f"198.18.113.{n}" for n in range(1, 11)]
     with ThreadPoolExecutor(max_workers=10) as pool:
         results = list(pool.map(lambda dst: run_cli("egress-block", web.name, dst), destinations))
     assert [r.returncode for r in results] == [0] * 10, [r.stderr for r in results]
@@ -292,13 +292,13 @@ def test_parallel_blocks_all_land_and_bad_input_changes_nothing(lab: Lab, state_
     store_file = state_dir / "rules.json"
     digest = hashlib.sha256(store_file.read_bytes()).hexdigest()
     bad_inputs = [
-        (web.name, "203.0.113.0/33"),
-        (web.name, "203.0.113.1/24"),  # host bits set
-        (web.name, "203.0.113.5", "--port", "70000"),
-        (web.name, "203.0.113.5", "--port", "http"),
-        (web.name, "203.0.113.5", "--proto", "gre"),
-        (web.name, "203.0.113.5", "--proto", "icmp", "--port", "53"),
-        ("ett-no-such-container", "203.0.113.5"),
+        (web.name, "198.18.113.0/33"),
+        (web.name, "198.18.113.1/24"),  # host bits set
+        (web.name, "198.18.113.5", "--port", "70000"),
+        (web.name, "198.18.113.5", "--port", "http"),
+        (web.name, "198.18.113.5", "--proto", "gre"),
+        (web.name, "198.18.113.5", "--proto", "icmp", "--port", "53"),
+        ("ett-no-such-container", "198.18.113.5"),
     ]
     for args in bad_inputs:
         result = run_cli("egress-block", *args)
@@ -308,7 +308,7 @@ def test_parallel_blocks_all_land_and_bad_input_changes_nothing(lab: Lab, state_
         assert hashlib.sha256(store_file.read_bytes()).hexdigest() == digest, args
 
     (state_dir / "rules.json").write_text("{not json")
-    corrupt = run_cli("egress-block", web.name, "203.0.113.99")
+    corrupt = run_cli("egress-block", web.name, "198.18.113.99")
     assert corrupt.returncode == 6 and "rules.json" in corrupt.stderr
     assert (state_dir / "rules.json").read_text() == "{not json"
 
