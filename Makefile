@@ -1,5 +1,8 @@
 # sudo make demo | test | bench — each runs `setup` first.
-.PHONY: setup test demo bench lint clean
+# sudo make install | uninstall — the CLIs on root's PATH (wrappers in $(PREFIX)/bin).
+.PHONY: setup test demo bench lint clean install uninstall
+
+PREFIX ?= /usr/local
 
 setup:
 	scripts/bootstrap.sh
@@ -12,6 +15,12 @@ demo: setup
 
 bench: setup
 	.venv/bin/python -m bench
+
+install:
+	scripts/install.sh install $(PREFIX)
+
+uninstall:
+	scripts/install.sh uninstall $(PREFIX)
 
 lint:
 	.venv/bin/ruff check agent tests bench

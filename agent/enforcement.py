@@ -24,9 +24,10 @@ from agent.datapath import (
     our_filters,
     release_if_unheld,
 )
+from agent.datapath.headers import ensure_kernel_headers
+from agent.datapath.program import pinned_program_matches
 from agent.errors import EXIT_USAGE, UserError
 from agent.flows import flow_keys
-from agent.headers import ensure_kernel_headers
 from agent.model import Container, FlowKey, Inventory
 from agent.policy import Resolver, Rule, RuleStore, StoreContents, lpm_entries, refresh_names, winning_rule
 
@@ -36,7 +37,12 @@ NAME_REFRESH_SECONDS = 60.0
 
 
 def apply_rules(maps: Maps, contents: StoreContents, containers: Iterable[Container]) -> None:
-    """Write the store's rules into the trie and tag each container veth with its slot."""
+    """Write the store's rules into the trie and tag each container veth with its slot.
+
+    While any rule exists (pending ones too), a veth with no endpoint entry is held:
+    its packets are dropped until its owner is known (Monitor tags it at link time),
+    so a container with rules is never open between its first packet and its tag."""
+    maps.set_hold_unknown(bool(contents.rules))
     maps.sync_policy(
         (entry.key_bytes(), entry.value_bytes()) for entry in lpm_entries(contents.rules, contents.slots)
     )
@@ -55,6 +61,13 @@ def sync(maps: Maps, store: RuleStore, inventory: Inventory) -> StoreContents:
     return contents
 
 
+def endpoint_tag(contents: StoreContents, container_name: str) -> tuple[int, bool]:
+    """(slot, has_policy) for a veth of this container: slot 0 when it has no rule."""
+    if any(rule.container == container_name for rule in contents.rules):
+        return contents.slots[container_name], True
+    return 0, False
+
+
 class Enforcer:
     """For long-running processes: re-syncs on inventory changes and re-resolves host names."""
 
@@ -71,16 +84,37 @@ class Enforcer:
         self.name_refresh_seconds = name_refresh_seconds
         self._next_name_refresh = time.monotonic() + name_refresh_seconds
         self._inventory = Inventory()
+        self.contents = StoreContents()
+        self._store_seen: tuple[int, int, int] | None = None
 
     def on_inventory(self, inventory: Inventory) -> None:
         self._inventory = inventory
+        self._store_seen = self._store_signature()
         contents = sync(self.maps, self.store, inventory)
+        self.contents = contents
         running = {c.name for c in inventory.containers}
         if any(rule.pending == (rule.container in running) for rule in contents.rules):
             self.store.sync_pending(running)
 
+    def tag_for(self, container_name: str) -> tuple[int, bool]:
+        """(slot, has_policy) for a new veth of this container, from the store as it is now.
+        The caller writes it without datapath.exclusive(): that lock may be held for a whole
+        compile elsewhere, one map write cannot tear, and a later sync writes the same tag."""
+        return endpoint_tag(self.store.load(), container_name)
+
+    def _store_signature(self) -> tuple[int, int, int] | None:
+        try:
+            stat = self.store.path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
     def tick(self) -> None:
-        """Once per refresh: re-resolve host names when they are due."""
+        """Once per refresh: follow rule changes other processes made (egress-block writes
+        the store and the maps itself; this keeps our view, pending flags and status in
+        step), and re-resolve host names when they are due."""
+        if self._store_signature() != self._store_seen:
+            self.on_inventory(self._inventory)
         if time.monotonic() < self._next_name_refresh:
             return
         self._next_name_refresh = time.monotonic() + self.name_refresh_seconds
@@ -108,11 +142,37 @@ def resolve_container_name(inventory: Inventory, ref: str, pending: bool) -> str
     )
 
 
+def require_enforceable(inventory: Inventory, container_name: str) -> None:
+    """No rule is accepted that nothing could enforce: a running container without a veth
+    of its own is refused with what to do instead. (A name that is not running becomes a
+    pending rule; egress-rules says if it later starts without a veth.)"""
+    container = inventory.find(container_name)
+    if container is None:
+        return
+    if container.netns_owner:
+        raise UserError(
+            f"{container.name} shares the network namespace of {container.netns_owner} "
+            f"(--network container:{container.netns_owner}): its packets leave by "
+            f"{container.netns_owner}'s veth, so put the rule on {container.netns_owner} "
+            "(it then binds every container in that namespace)",
+            EXIT_USAGE,
+        )
+    if not container.endpoints:
+        reason = container.why_not_observed or "no host-side veth"
+        raise UserError(
+            f"{container.name} cannot be enforced ({reason}): egress-top enforces on Docker "
+            "bridge veths only; no rule was added",
+            EXIT_USAGE,
+        )
+
+
 def check_can_enforce() -> None:
-    """Everything enforcement needs, checked before the store is touched."""
+    """Everything enforcement needs, checked before the store is touched. Headers only
+    matter to a compile: none happens while the matching program is pinned."""
     check_privileges()
     ensure_bpffs()
-    ensure_kernel_headers()
+    if not pinned_program_matches():
+        ensure_kernel_headers()
 
 
 def enforce_now(store: RuleStore, inventory: Inventory, container_name: str) -> None:

@@ -1,13 +1,17 @@
 """Flows layer: turn raw flow-table reads into attributed, classified per-interval flows.
 
 Counters in the map are cumulative; each update() diffs them against the previous
-read. Per-container totals are computed with numpy over the whole table; Flow
-objects are built only for flows that moved in the interval, because at 100,000
-flows building a Python object for each idle one would cost most of the budget.
+read, which is the whole table or only the flows announced as moved
+(agent/table_reader.py): both give the same deltas. Per-container totals come from
+the datapath's exact per-veth counters when the read has them (whatever the flow table
+evicted), else from the whole table with numpy. Flow objects are built only for flows
+that moved in the interval, because at 100,000 flows building a Python object for each
+idle one would cost most of the budget.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import socket
 import time
@@ -18,6 +22,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from agent.datapath.maps import OVERFLOW_FAMILY, EndpointTotals
+from agent.known_counters import KnownCounters, key_strings
 from agent.model import (
     Container,
     ContainerStats,
@@ -25,6 +31,7 @@ from agent.model import (
     Flow,
     FlowCounters,
     FlowKey,
+    IntervalLosses,
     Inventory,
     Snapshot,
     TableFill,
@@ -43,8 +50,13 @@ FLOW_STATS_FIELDS = (
     "rule_id",
     "verdict",
 )
-VERDICT_DROPPED = 1  # enum verdict in bpf/egress_maps.h
-NO_COUNTERS = (0, 0, 0)
+VERDICTS = tuple(Verdict)  # indexed by enum verdict in bpf/egress_maps.h
+NO_TOTALS = EndpointTotals(0, 0, 0, 0, 0, 0)
+# After a refresh that held this many rows (a complete read of the table, or Flow objects:
+# 100,000 new flows hold ~57 MB), freed memory is handed back to the system once that
+# refresh's read and Snapshot are gone: glibc keeps it for reuse otherwise.
+TRIM_AFTER_ROWS = 10_000
+FORGET_KEYS_BEYOND = 4096  # keys kept before evicted ones are forgotten: 2x this or the table
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,10 @@ class TableRead:
     flows_created: int
     dropped_by_ifindex: Mapping[int, int] = field(default_factory=dict)
     read_started_ns: int | None = None  # when the read began; monotonic_ns when not given
+    # each veth's exact totals; without them container totals are summed over a complete read
+    endpoint_totals: Mapping[int, EndpointTotals] | None = None
+    complete: bool = True  # the whole table; else only the flows that moved since the last read
+    moved_lost: int = 0  # moved-flow announcements lost since the last read
 
     @property
     def started_ns(self) -> int:
@@ -69,10 +85,6 @@ def format_address(family: int, raw: bytes) -> str:
     if family == 4:
         return socket.inet_ntop(socket.AF_INET, raw[:4])
     return socket.inet_ntop(socket.AF_INET6, raw)
-
-
-def _key_bytes(keys: np.ndarray) -> list[bytes]:
-    return keys.view(f"S{keys.dtype.itemsize}").ravel().tolist() if len(keys) else []
 
 
 def flow_keys(keys: np.ndarray) -> list[FlowKey]:
@@ -92,6 +104,12 @@ def flow_keys(keys: np.ndarray) -> list[FlowKey]:
         )
         for row in range(len(keys))
     ]
+
+
+def _return_freed_memory() -> None:
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; other libcs return memory themselves
+    if trim is not None:
+        trim(0)
 
 
 def classify_destination(
@@ -114,70 +132,109 @@ def classify_destination(
 class FlowAggregator:
     """Keeps the previous read and per-container rate history between intervals."""
 
-    def __init__(self, history_length: int = RATE_HISTORY_LENGTH):
+    def __init__(self, history_length: int = RATE_HISTORY_LENGTH, build_flows: bool = True):
+        """build_flows False: Snapshots carry container totals and no Flow objects, which
+        cost most of a refresh (about 5 us each) when nobody reads them."""
+        self._build_flows = build_flows
         # cumulative (bytes, packets, dropped_packets) per flow key at its last move
-        self._counters: dict[bytes, tuple[int, int, int]] = {}
+        self._counters = KnownCounters()
         self._previous_started_ns: int | None = None
         self._previous_ns: int | None = None
         self._history: dict[str, deque[float]] = {}
         self._history_length = history_length
+        self._keys_kept = 2 * FORGET_KEYS_BEYOND
+        self._table: TableFill | None = None
+        self._created_at_count = (0, 0)  # (flows created, flows in the table) at the last count
+        self._previous_totals: dict[int, EndpointTotals] = {}
+        # rows the last two updates held: the caller holds the last one's read and Snapshot
+        self._rows_held: deque[int] = deque([0, 0], maxlen=2)
         # monotonic -> wall clock, taken once so first_seen stays identical across intervals
         self._wall_offset = time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
 
+    @property
+    def full_read_wanted(self) -> bool:
+        """No baseline yet, or evicted keys to forget, which only a complete read tells."""
+        return self._previous_ns is None or len(self._counters) > self._keys_kept
+
     def update(self, read: TableRead, inventory: Inventory) -> Snapshot:
-        keys, stats = read.keys, read.stats
-        interval = (read.monotonic_ns - self._previous_ns) / 1e9 if self._previous_ns is not None else 0.0
-        deltas = self._deltas(keys, stats, read.started_ns)
+        assert read.complete or read.endpoint_totals is not None, "a partial read needs veth totals"
+        real_flows = read.keys["family"] != OVERFLOW_FAMILY  # overflow shows in the veth totals
+        keys, stats = read.keys[real_flows], read.stats[real_flows]
+        baseline = self._previous_ns is None
+        interval = 0.0 if self._previous_ns is None else (read.monotonic_ns - self._previous_ns) / 1e9
+        deltas, restarted = self._deltas(keys, stats, read)
         self._previous_ns = read.monotonic_ns
 
         moved = np.flatnonzero(deltas["packets"] > 0)
         order = moved[np.argsort(-deltas["bytes"][moved], kind="stable")]
-        flows = self._flows(keys[order], stats[order], deltas[order], inventory)
+        if self._rows_held[0] > TRIM_AFTER_ROWS:  # the read and Snapshot before last are released
+            _return_freed_memory()
+        flows = self._flows(keys[order], stats[order], deltas[order], inventory) if self._build_flows else []
+        self._rows_held.append(len(flows) + (len(read.keys) if read.complete else 0))
 
-        container_stats = self._container_stats(keys, stats, deltas, inventory, read, interval)
+        container_stats = self._container_stats(keys, stats, deltas, inventory, read, interval, baseline)
         for flow in flows:
             if flow.container is not None and flow.container.id in container_stats:
                 container_stats[flow.container.id].flows.append(flow)
-        used = len(keys)
+        table = self._table_fill(read)
+        losses = IntervalLosses(
+            # never below 0: between complete reads the fill is an estimate
+            evicted=max(0, table.evicted - self._table.evicted) if self._table else 0,
+            moved_lost=read.moved_lost,
+            full_read=read.complete,
+            restarted_flows=restarted,
+        )
+        self._table = table
         return Snapshot(
             time=time.time(),
             interval=interval,
             stats=tuple(container_stats.values()),
             unobservable=tuple(c for c in inventory.containers if not c.endpoints),
-            table=TableFill(used=used, size=read.table_size, evicted=max(0, read.flows_created - used)),
+            table=table,
             unattributed_flows=tuple(f for f in flows if f.container is None),
+            losses=losses,
         )
 
-    def _deltas(self, keys: np.ndarray, stats: np.ndarray, read_started_ns: int) -> np.ndarray:
-        """Per-row increase since the previous read; a flow not seen before is all new.
+    def _table_fill(self, read: TableRead) -> TableFill:
+        """A complete read counts the table; between complete reads every flow created since
+        is taken to be in it until the table is full (the LRU evicts only then)."""
+        if read.complete:
+            used = len(read.keys)
+            self._created_at_count = (read.flows_created, used)
+        else:
+            created, counted = self._created_at_count
+            used = min(read.table_size, counted + read.flows_created - created)
+        return TableFill(used=used, size=read.table_size, evicted=max(0, read.flows_created - used))
+
+    def _deltas(self, keys: np.ndarray, stats: np.ndarray, read: TableRead) -> tuple[np.ndarray, int]:
+        """Per-row increase since the previous read, and how many flows restarted (evicted and
+        re-created since: what they sent in between is missed); a flow not seen before is all new.
 
         Only flows whose last packet came after the previous read *started* can have
         moved (a packet counted during that read may have missed it), so only those are
         looked up: at 100,000 mostly idle flows this is most of the refresh saved."""
         deltas = np.zeros(len(stats), dtype=[(c, "<i8") for c in DELTA_FIELDS])
         since = self._previous_started_ns
-        self._previous_started_ns = read_started_ns
-        if since is None or len(self._counters) > 2 * max(len(keys), 4096):
-            # the first read is a baseline; a table that churned a lot is re-based (drops evicted keys)
-            self._counters = dict(
-                zip(
-                    _key_bytes(keys),
-                    zip(*(stats[c].tolist() for c in DELTA_FIELDS), strict=True),
-                    strict=True,
-                )
-            )
-            return deltas
+        self._previous_started_ns = read.started_ns
+        counters = np.stack([stats[c].astype(np.int64) for c in DELTA_FIELDS], axis=1)
+        if since is None:  # the first read is the baseline
+            self._counters.reset(key_strings(keys), counters)
+            return deltas, 0
         rows = np.flatnonzero(stats["last_seen_ns"] >= since)
-        current = list(zip(*(stats[c][rows].tolist() for c in DELTA_FIELDS), strict=True))
-        previous = [self._counters.get(key, NO_COUNTERS) for key in _key_bytes(keys[rows])]
-        for key, counters in zip(_key_bytes(keys[rows]), current, strict=True):
-            self._counters[key] = counters
+        now = counters[rows]
+        before = self._counters.exchange(key_strings(keys[rows]), now)
+        # LRU eviction and re-creation can make a counter restart below the old value
+        grown = np.where(now >= before, now - before, now)
         for index, column in enumerate(DELTA_FIELDS):
-            now = np.array([c[index] for c in current], np.int64)
-            before = np.array([p[index] for p in previous], np.int64)
-            # LRU eviction and re-creation can make a counter restart below the old value
-            deltas[column][rows] = np.where(now >= before, now - before, now)
-        return deltas
+            deltas[column][rows] = grown[:, index]
+        restarted = int(np.count_nonzero(now[:, 1] < before[:, 1]))  # by packets
+        if read.complete:
+            self._keys_kept = 2 * max(len(keys), FORGET_KEYS_BEYOND)
+            if len(self._counters) > self._keys_kept:
+                # Keys the LRU evicted pile up in a churning table: forget them once they outnumber
+                # the table, after this interval's deltas (re-basing instead would zero an interval).
+                self._counters.keep_only(key_strings(keys))
+        return deltas, restarted
 
     def _flows(
         self, keys: np.ndarray, stats: np.ndarray, deltas: np.ndarray, inventory: Inventory
@@ -201,7 +258,7 @@ class FlowAggregator:
                 dropped_bytes=counters["dropped_bytes"][row],
                 dropped_packets=counters["dropped_packets"][row],
                 rule_id=counters["rule_id"][row],
-                verdict=Verdict.DROPPED if counters["verdict"][row] == VERDICT_DROPPED else Verdict.FORWARDED,
+                verdict=VERDICTS[counters["verdict"][row]],
             )
             flows.append(
                 Flow(
@@ -227,6 +284,7 @@ class FlowAggregator:
         inventory: Inventory,
         read: TableRead,
         interval: float,
+        baseline: bool,
     ) -> dict[str, ContainerStats]:
         observed = [c for c in inventory.containers if c.endpoints]
         # One pass over the table for all containers: row -> container number -> bincount.
@@ -239,12 +297,22 @@ class FlowAggregator:
             sums = np.bincount(owners, weights=values, minlength=len(observed) + 1)
             return [int(v) for v in sums[: len(observed)]]
 
-        bytes_total = per_container(stats["bytes"])
-        packets_total = per_container(stats["packets"])
         bytes_delta = per_container(deltas["bytes"])
         packets_delta = per_container(deltas["packets"])
         dropped_delta = per_container(deltas["dropped_packets"])
         active = per_container((deltas["packets"] > 0).astype(np.int64))
+        overflow_delta = [0] * len(observed)
+        if read.endpoint_totals is None:  # summed over the whole table: evicted flows are missed
+            bytes_total, packets_total = per_container(stats["bytes"]), per_container(stats["packets"])
+            dropped_total = [
+                sum(read.dropped_by_ifindex.get(ep.ifindex, 0) for ep in c.endpoints) for c in observed
+            ]
+        else:
+            veths = self._veth_totals(read.endpoint_totals, baseline)
+            bytes_total, packets_total, dropped_total, bytes_delta, packets_delta, overflow_delta = (
+                [sum(veths.get(ep.ifindex, (0,) * 6)[column] for ep in c.endpoints) for c in observed]
+                for column in range(6)
+            )
 
         result: dict[str, ContainerStats] = {}
         for number, container in enumerate(observed):
@@ -257,13 +325,36 @@ class FlowAggregator:
                 packets_total=packets_total[number],
                 bytes_delta=bytes_delta[number],
                 packets_delta=packets_delta[number],
-                dropped_packets_total=sum(
-                    read.dropped_by_ifindex.get(ep.ifindex, 0) for ep in container.endpoints
-                ),
+                dropped_packets_total=dropped_total[number],
                 dropped_packets_delta=dropped_delta[number],
                 active_flows=active[number],
+                overflow_packets_delta=overflow_delta[number],
                 rate_history=tuple(history),
             )
         for gone in set(self._history) - set(result):
             del self._history[gone]
+        return result
+
+    def _veth_totals(
+        self, totals: Mapping[int, EndpointTotals], baseline: bool
+    ) -> dict[int, tuple[int, int, int, int, int, int]]:
+        """ifindex -> (bytes, packets, dropped packets, bytes delta, packets delta, overflow
+        packets delta) from the exact per-veth counters; the first read is the baseline."""
+        result = {}
+        for ifindex, now in totals.items():
+            before = now if baseline else self._previous_totals.get(ifindex, NO_TOTALS)
+
+            def grown(name: str, now: EndpointTotals = now, before: EndpointTotals = before) -> int:
+                current, previous = getattr(now, name), getattr(before, name)
+                return current - previous if current >= previous else current  # a reused slot
+
+            result[ifindex] = (
+                now.bytes,
+                now.packets,
+                now.dropped_packets,
+                grown("bytes"),
+                grown("packets"),
+                grown("overflow_packets"),
+            )
+        self._previous_totals = dict(totals)
         return result

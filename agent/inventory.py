@@ -8,22 +8,20 @@ lie), and match interfaces to Docker networks by MAC address.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
-import select
+import random
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-import docker
-import docker.errors
-from pyroute2 import IPRoute
-
+from agent.docker_api import DEFAULT_SOCKET, EngineClient, not_found
 from agent.errors import EXIT_DOCKER, EXIT_USAGE, UserError
 from agent.model import Container, Endpoint, Inventory
+from agent.netlink import IPRoute
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +29,26 @@ CLONE_NEWNET = 0x40000000
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
-RECONCILE_SECONDS = 10.0
-# Docker events that can change which veth belongs to which container.
-INVENTORY_EVENTS = {"start", "restart", "die", "stop", "kill", "destroy", "connect", "disconnect", "create"}
+# Entering a netns costs a thread and a netlink dump: 200 containers made every reconcile a
+# 1-3 s burst. A netns's links are reused while it is the same netns (pid and inode) and
+# they still explain its Docker networks and host veths; re-read after this long anyway
+# (jittered so 200 containers' re-reads do not fall on one reconcile), the safety net.
+NETNS_REREAD_SECONDS = 300.0
+
+NetnsLinks = list[tuple[str, str, int]]
 
 
-def connect_docker() -> docker.DockerClient:
-    """A client for the engine DOCKER_HOST names (or the default socket), or a one-line error."""
-    target = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+def connect_docker() -> EngineClient:
+    """A client for the engine DOCKER_HOST names (or the default socket), or a one-line error.
+    A unix socket gets our light client; anything else (tcp://, ssh://, TLS) the docker SDK."""
+    target = os.environ.get("DOCKER_HOST") or f"unix://{DEFAULT_SOCKET}"
     try:
-        client = docker.from_env(timeout=10)
+        if target.startswith("unix://"):
+            client = EngineClient(target.removeprefix("unix://"))
+        else:
+            import docker  # imported only here: requests and urllib3 cost ~75 ms of every start
+
+            client = docker.from_env(timeout=10)
         client.ping()
     except Exception as exc:
         raise UserError(
@@ -51,7 +59,7 @@ def connect_docker() -> docker.DockerClient:
     return client
 
 
-def _in_netns(netns_path: str, fn: Callable[[], Any]) -> Any:
+def in_netns(netns_path: str, fn: Callable[[], Any]) -> Any:
     """Run fn in a thread that joined the netns: setns(CLONE_NEWNET) is per thread, so
     the rest of the process stays where it is, and it costs no fork (pyroute2's NetNS does)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -78,10 +86,10 @@ def _in_netns(netns_path: str, fn: Callable[[], Any]) -> Any:
     return outcome["value"]
 
 
-def _netns_links(pid: int) -> list[tuple[str, str, int]]:
+def _netns_links(pid: int) -> NetnsLinks:
     """(name, mac, IFLA_LINK) of each interface in the process's netns that has a peer."""
 
-    def read() -> list[tuple[str, str, int]]:
+    def read() -> NetnsLinks:
         with IPRoute() as ipr:
             links = []
             for link in ipr.get_links():
@@ -91,10 +99,11 @@ def _netns_links(pid: int) -> list[tuple[str, str, int]]:
                     links.append((link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_ADDRESS") or "", peer))
             return links
 
-    return _in_netns(f"/proc/{pid}/ns/net", read)
+    return in_netns(f"/proc/{pid}/ns/net", read)
 
 
-def _bridge_name(network: dict[str, Any]) -> str:
+def bridge_name(network: dict[str, Any]) -> str:
+    """The Linux bridge of a Docker bridge network."""
     options = network.get("Options") or {}
     if BRIDGE_NAME_OPTION in options:
         return options[BRIDGE_NAME_OPTION]
@@ -104,36 +113,51 @@ def _bridge_name(network: dict[str, Any]) -> str:
 class DockerInventory:
     """Builds Inventory snapshots from the Docker API and netlink."""
 
-    def __init__(self, client: docker.DockerClient):
-        self.client = client
+    def __init__(self, client: EngineClient):
+        self.client = client  # or a docker.DockerClient: the same calls
         self._inspect_cache: dict[str, dict[str, Any]] = {}
+        # container id -> ((pid, netns inode), links, monotonic time to re-read by)
+        self._netns_cache: dict[str, tuple[tuple[int, int], NetnsLinks, float]] = {}
+        # pyroute2 decodes a 200-veth dump in ~60 ms: redone only when if_nameindex() changed
+        self._host_interfaces: frozenset[tuple[int, str]] = frozenset()
+        self._host_state: tuple[dict[int, tuple[str, str]], set[str]] = ({}, set())
 
     def forget(self, container_id: str) -> None:
         self._inspect_cache.pop(container_id, None)
+        self._netns_cache.pop(container_id, None)
 
-    def _inspect(self, container_id: str) -> dict[str, Any] | None:
+    def _inspect(self, listed: dict[str, Any]) -> dict[str, Any] | None:
+        """The cached inspect while the listing shows the same endpoints (a restart or a
+        missed connect gives new EndpointIDs), else a fresh one."""
+        container_id = listed["Id"]
         cached = self._inspect_cache.get(container_id)
-        if cached is None:
+        if cached is None or _endpoint_ids(cached) != _endpoint_ids(listed):
             try:
                 cached = self.client.api.inspect_container(container_id)
-            except docker.errors.NotFound:
-                return None
+            except Exception as exc:
+                if not_found(exc):
+                    return None
+                raise
             self._inspect_cache[container_id] = cached
         return cached
 
     def snapshot(self, full: bool = False) -> Inventory:
-        """Current inventory; full=True re-inspects every container (the safety net)."""
+        """Current inventory; full=True re-inspects every container and re-enters every
+        netns (the rare safety net: otherwise only what the listing shows changed is read)."""
         if full:
             self._inspect_cache.clear()
+            self._netns_cache.clear()
         networks = self.client.api.networks()
-        bridges = {n["Name"]: _bridge_name(n) for n in networks if n.get("Driver") == "bridge"}
+        bridges = {n["Name"]: bridge_name(n) for n in networks if n.get("Driver") == "bridge"}
         drivers = {n["Name"]: n.get("Driver", "") for n in networks}
-        host_links, host_addresses = _host_links_and_addresses()
+        host_links, host_addresses = self._cached_host_links(full)
         listed = self.client.api.containers(filters={"status": "running"})
         running_ids = {c["Id"] for c in listed}
         for stale in set(self._inspect_cache) - running_ids:
             del self._inspect_cache[stale]
-        inspected = [i for i in (self._inspect(c["Id"]) for c in listed) if i and i["State"].get("Running")]
+        for stale in set(self._netns_cache) - running_ids:
+            del self._netns_cache[stale]
+        inspected = [i for i in (self._inspect(c) for c in listed) if i and i["State"].get("Running")]
         names = {i["Id"]: i["Name"].lstrip("/") for i in inspected}
 
         sharers: dict[str, list[str]] = {}
@@ -152,6 +176,15 @@ class DockerInventory:
             bridges=frozenset(bridges.values()),
             host_addresses=frozenset(host_addresses),
         )
+
+    def _cached_host_links(self, full: bool) -> tuple[dict[int, tuple[str, str]], set[str]]:
+        """The last dump while the host's interfaces (index, name) are the same ones: a veth
+        that comes or goes changes them; a changed address waits for a full snapshot."""
+        interfaces = _host_interfaces()
+        if full or interfaces != self._host_interfaces or not self._host_interfaces:
+            self._host_state = _host_links_and_addresses()
+            self._host_interfaces = interfaces
+        return self._host_state
 
     @staticmethod
     def _resolve_owner(ref: str, names: dict[str, str]) -> str:
@@ -175,7 +208,6 @@ class DockerInventory:
             "id": info["Id"],
             "name": names[info["Id"]],
             "image": info["Config"].get("Image", ""),
-            "pid": info["State"].get("Pid", 0),
             "compose_project": labels.get(COMPOSE_PROJECT_LABEL),
             "compose_service": labels.get(COMPOSE_SERVICE_LABEL),
             "netns_sharers": sharers,
@@ -199,8 +231,8 @@ class DockerInventory:
         )
         return Container(**base, unobservable_reason=reason)
 
-    @staticmethod
     def _endpoints(
+        self,
         info: dict[str, Any],
         networks: dict[str, Any],
         bridges: dict[str, str],
@@ -214,7 +246,7 @@ class DockerInventory:
         if not bridged or not info["State"].get("Pid"):
             return ()
         try:
-            links = _netns_links(info["State"]["Pid"])
+            links = self._links(info, set(bridged), host_links)
         except OSError as exc:
             log.debug("cannot read netns of %s: %s", info["Name"], exc)
             return ()
@@ -235,6 +267,34 @@ class DockerInventory:
                 )
             )
         return tuple(sorted(endpoints, key=lambda e: e.network))
+
+    def _links(
+        self, info: dict[str, Any], macs: set[str], host_links: dict[int, tuple[str, str]]
+    ) -> NetnsLinks:
+        """The container's netns links: cached while the netns is the same one and its links
+        still give every bridged MAC a host veth that exists; else read by entering it."""
+        pid = info["State"]["Pid"]
+        identity = (pid, os.stat(f"/proc/{pid}/ns/net").st_ino)
+        cached = self._netns_cache.get(info["Id"])
+        if cached is not None:
+            cached_identity, links, reread_by = cached
+            explained = {mac.lower() for _name, mac, peer in links if peer in host_links}
+            if cached_identity == identity and macs <= explained and time.monotonic() < reread_by:
+                return links
+        links = _netns_links(pid)
+        reread_by = time.monotonic() + NETNS_REREAD_SECONDS * random.uniform(0.5, 1.0)
+        self._netns_cache[info["Id"]] = (identity, links, reread_by)
+        return links
+
+
+def _endpoint_ids(container: dict[str, Any]) -> dict[str, str]:
+    """Network name -> EndpointID, as both the listing and an inspect give them."""
+    networks = (container.get("NetworkSettings") or {}).get("Networks") or {}
+    return {name: settings.get("EndpointID", "") for name, settings in networks.items()}
+
+
+def _host_interfaces() -> frozenset[tuple[int, str]]:
+    return frozenset(socket.if_nameindex())  # one libc call, no Python decoding
 
 
 def _host_links_and_addresses() -> tuple[dict[int, tuple[str, str]], set[str]]:
@@ -266,114 +326,3 @@ def require_containers(inventory: Inventory, refs: tuple[str, ...]) -> list[Cont
             raise UserError(f"no running container named {ref!r}: see 'docker ps' for names", EXIT_USAGE)
         found.append(container)
     return found
-
-
-class InventoryWatcher:
-    """Keeps an Inventory current: Docker events, veth link events, periodic reconcile.
-
-    on_veth(ifindex) fires the moment a veth is enslaved to a Docker bridge — before
-    Docker reports the container started — so the caller can attach before the
-    container's first packet. on_change(inventory) fires after each refresh.
-    """
-
-    def __init__(
-        self,
-        inventory: DockerInventory,
-        on_veth: Callable[[int], None],
-        on_change: Callable[[Inventory], None],
-        reconcile_seconds: float = RECONCILE_SECONDS,
-    ):
-        self._source = inventory
-        self._on_veth = on_veth
-        self._on_change = on_change
-        self._reconcile_seconds = reconcile_seconds
-        self._stop = threading.Event()
-        self._dirty = threading.Event()
-        self._events_stream: Any = None
-        self._threads: list[threading.Thread] = []
-        self.current = Inventory()
-
-    def start(self) -> Inventory:
-        self.refresh(full=True)
-        for target, name in (
-            (self._follow_docker_events, "docker-events"),
-            (self._follow_links, "link-events"),
-            (self._refresh_loop, "inventory-refresh"),
-        ):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        return self.current
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._dirty.set()
-        if self._events_stream is not None:
-            with contextlib.suppress(Exception):
-                self._events_stream.close()
-        for thread in self._threads:
-            thread.join(timeout=2)
-
-    def refresh(self, full: bool = False) -> Inventory:
-        self.current = self._source.snapshot(full=full)
-        self._on_change(self.current)
-        return self.current
-
-    def _refresh_loop(self) -> None:
-        while not self._stop.is_set():
-            triggered = self._dirty.wait(timeout=self._reconcile_seconds)
-            if self._stop.is_set():
-                return
-            self._dirty.clear()
-            try:
-                self.refresh(full=not triggered)
-            except Exception as exc:  # the engine may restart: keep going, say why
-                log.warning("inventory refresh failed: %s", exc)
-
-    def _follow_docker_events(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._events_stream = self._source.client.events(
-                    decode=True, filters={"type": ["container", "network"]}
-                )
-                for event in self._events_stream:
-                    action = (event.get("Action") or event.get("status") or "").split(":")[0]
-                    if action in INVENTORY_EVENTS:
-                        actor = (event.get("Actor") or {}).get("Attributes", {}).get(
-                            "container"
-                        ) or event.get("id")
-                        if actor:
-                            self._source.forget(actor)
-                        self._dirty.set()
-            except Exception as exc:
-                if not self._stop.is_set():
-                    log.warning("docker event stream ended (%s): reconnecting", exc)
-                    self._stop.wait(1.0)
-
-    def _follow_links(self) -> None:
-        with IPRoute() as ipr:
-            ipr.bind()
-            while not self._stop.is_set():
-                ready, _, _ = select.select([ipr.fileno()], [], [], 0.5)
-                if not ready:
-                    continue
-                for message in ipr.get():
-                    self._handle_link_message(message)
-
-    def _handle_link_message(self, message: Any) -> None:
-        if message.get("event") != "RTM_NEWLINK":
-            return
-        info = message.get_attr("IFLA_LINKINFO")
-        master = message.get_attr("IFLA_MASTER")
-        if info is None or info.get_attr("IFLA_INFO_KIND") != "veth" or not master:
-            return
-        try:
-            master_name = socket.if_indextoname(master)
-        except OSError:
-            return
-        if master_name in self.current.bridges:
-            try:
-                self._on_veth(message["index"])
-            except Exception as exc:
-                log.warning("cannot attach to new veth %s: %s", message.get_attr("IFLA_IFNAME"), exc)
-            self._dirty.set()

@@ -29,7 +29,6 @@ class Container:
     id: str  # full 64-hex id
     name: str  # without the leading "/"
     image: str
-    pid: int = 0
     compose_project: str | None = None
     compose_service: str | None = None
     endpoints: tuple[Endpoint, ...] = ()
@@ -41,14 +40,6 @@ class Container:
     # Why we cannot see this container's egress (host/none network, macvlan...);
     # None when at least one endpoint is observed or the netns owner is.
     unobservable_reason: str | None = None
-
-    @property
-    def short_id(self) -> str:
-        return self.id[:12]
-
-    @property
-    def observable(self) -> bool:
-        return self.unobservable_reason is None
 
     @property
     def why_not_observed(self) -> str | None:
@@ -109,11 +100,15 @@ class DstKind(StrEnum):
 
 
 class Verdict(StrEnum):
+    """enum verdict in bpf/egress_maps.h, in its order."""
+
     FORWARDED = "forwarded"
-    DROPPED = "dropped"
+    DROPPED = "dropped"  # a block rule matched
+    DROPPED_UNPARSED = "dropped_unparsed"  # the container has rules, its transport header was out of reach
+    HELD = "held"  # its veth was not yet known to the agent, which holds unknown veths
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: 17 MB less when 100,000 flows move in one interval
 class FlowKey:
     """A flow as the datapath keys it (see bpf/egress_maps.h: struct flow_key)."""
 
@@ -126,7 +121,7 @@ class FlowKey:
     dst_port: int  # ICMP/ICMPv6: the code
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: as FlowKey
 class FlowCounters:
     """Cumulative counters the datapath keeps for one flow (struct flow_stats)."""
 
@@ -140,7 +135,7 @@ class FlowCounters:
     verdict: Verdict = Verdict.FORWARDED
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: as FlowKey
 class Flow:
     """One flow in one interval, attributed and classified."""
 
@@ -153,7 +148,7 @@ class Flow:
     first_seen: float  # wall clock, seconds since the epoch
     last_seen: float
     dst_kind: DstKind
-    dst_name: str | None = None  # container name, "host", or a name the container resolved
+    dst_name: str | None = None  # the container's name for dst_kind container, "host" for host
 
     @property
     def proto_name(self) -> str:
@@ -172,6 +167,8 @@ class ContainerStats:
     dropped_packets_total: int = 0
     dropped_packets_delta: int = 0
     active_flows: int = 0  # flows that moved in this interval
+    # packets past the container's flow share this interval: counted in its totals, in no flow
+    overflow_packets_delta: int = 0
     flows: list[Flow] = field(default_factory=list)  # all of its flows, busiest first
     # bytes/s of the last intervals, oldest first, for the sparkline
     rate_history: tuple[float, ...] = ()
@@ -185,6 +182,16 @@ class TableFill:
 
 
 @dataclass(frozen=True)
+class IntervalLosses:
+    """What the interval's flows may miss and why: the interval record, the screen's header."""
+
+    evicted: int = 0  # flows the LRU pushed out this interval (their last packets may be missed)
+    moved_lost: int = 0  # moved-flow announcements the full ring buffer lost: a full read followed
+    full_read: bool = True  # the whole table was read, not only the flows announced as moved
+    restarted_flows: int = 0  # flows evicted and re-created between reads: packets in between missed
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What one refresh produced; every front end renders from this alone."""
 
@@ -194,6 +201,8 @@ class Snapshot:
     unobservable: tuple[Container, ...]
     table: TableFill
     unattributed_flows: tuple[Flow, ...] = ()  # veth not mapped to a container yet
+    not_enforced: tuple[str, ...] = ()  # running containers with rules not in force on every veth
+    losses: IntervalLosses = IntervalLosses()
 
     @property
     def flows(self) -> list[Flow]:
@@ -202,6 +211,11 @@ class Snapshot:
     @property
     def total_bytes_delta(self) -> int:
         return sum(s.bytes_delta for s in self.stats)
+
+    @property
+    def overflow_packets(self) -> dict[str, int]:
+        """Container name -> packets past its flow share this interval, where any."""
+        return {s.container.name: s.overflow_packets_delta for s in self.stats if s.overflow_packets_delta}
 
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}

@@ -31,12 +31,35 @@ def header(snapshot: Snapshot, hostname: str | None = None) -> str:
     return (
         f"egress-top {hostname or socket.gethostname()} {when} interval {snapshot.interval:.1f}s"
         f" containers {len(snapshot.stats)} observed, {len(snapshot.unobservable)} not"
-        f" egress {rate} flows {table.used}/{table.size}{evicted}"
+        f" egress {rate} flows {table.used}/{table.size}{evicted}{losses(snapshot)}"
     )
 
 
+def losses(snapshot: Snapshot) -> str:
+    """What this interval's flows miss, said only when something is (totals stay exact)."""
+    lost, overflow = snapshot.losses, snapshot.overflow_packets
+    parts = [
+        f"{lost.evicted} evicted" if lost.evicted else "",
+        f"{lost.restarted_flows} restarted" if lost.restarted_flows else "",
+        f"{lost.moved_lost} events lost" if lost.moved_lost else "",
+        f"overflow {', '.join(f'{name} {packets}p' for name, packets in sorted(overflow.items()))}"
+        if overflow
+        else "",
+    ]
+    said = "; ".join(part for part in parts if part)
+    return f" LOSS this interval: {said}" if said else ""
+
+
+def enforcement_warning(snapshot: Snapshot) -> str | None:
+    """Said on every screen while a running container's rules are not in force."""
+    if not snapshot.not_enforced:
+        return None
+    return f"WARNING: rules NOT enforced for {', '.join(snapshot.not_enforced)} (see egress-rules)"
+
+
 def format_plain(snapshot: Snapshot, sort: str = "rate", flows_per_container: int = 5) -> str:
-    lines = [header(snapshot), line(CONTAINER_COLUMNS, CONTAINER_WIDTHS)]
+    warning = enforcement_warning(snapshot)
+    lines = [header(snapshot), *([warning] if warning else []), line(CONTAINER_COLUMNS, CONTAINER_WIDTHS)]
     for stats in sorted_stats(snapshot, sort):
         lines.append(line(container_cells(stats, snapshot.interval), CONTAINER_WIDTHS))
         for flow in stats.flows[:flows_per_container]:

@@ -39,8 +39,9 @@ Store
 -----
 Rules live in ``$EGRESS_TOP_STATE_DIR/rules.json`` (default /var/lib/egress-top), an
 indented JSON document guarded by ``rules.lock`` (flock: exclusive to write, shared
-to read) and replaced atomically on every change, so parallel ``egress-block`` runs
-all land and a crash leaves either the old or the new file. The order of ``rules``
+to read, every wait bounded: agent/lockfile.py) and replaced atomically on every
+change, so parallel ``egress-block`` runs all land and a crash leaves either the old
+or the new file. Policy is sensitive: the directory is 0700, its files 0600. The order of ``rules``
 in it is the age order of point 3. Each container name gets a *slot*, the small
 integer the datapath keys its rules by; a slot is kept after the container's last
 rule goes and never handed to another name, so an endpoint still tagged with it
@@ -58,7 +59,6 @@ import re
 import socket
 import struct
 import tempfile
-import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
 
 from agent.errors import EXIT_PERMISSION, EXIT_STORE, EXIT_USAGE, UserError
+from agent.lockfile import bounded_lock, private_dir
 from agent.model import PROTO_NUMBERS
 
 DestKind = Literal["cidr", "name"]
@@ -82,7 +83,6 @@ _PORT_PROTOCOLS = ("tcp", "udp")
 STATE_DIR_ENV = "EGRESS_TOP_STATE_DIR"
 DEFAULT_STATE_DIR = Path("/var/lib/egress-top")
 STORE_VERSION = 1
-DEFAULT_LOCK_TIMEOUT = 10.0
 
 # Mirrors of bpf/egress_maps.h.
 POLICY_KEY_FIXED_BITS = 64
@@ -175,7 +175,7 @@ def _parse_network(
     text: str, candidate: str, network_class: type[ipaddress.IPv4Network] | type[ipaddress.IPv6Network]
 ) -> str:
     try:
-        return str(network_class(candidate, strict=True))
+        return str(_ipv4_if_mapped(network_class(candidate, strict=True)))
     except ValueError as exc:
         strict_error = exc
     # Only host bits set make a CIDR fail strictly but parse loosely.
@@ -189,6 +189,17 @@ def _parse_network(
         f"or {address} for that one address",
         EXIT_USAGE,
     )
+
+
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _ipv4_if_mapped(network: IPNetwork) -> IPNetwork:
+    """::ffff:a.b.c.d/n (n >= 96) is how IPv6 sockets spell IPv4 a.b.c.d/(n-96), and the
+    packets on the wire are IPv4: stored as IPv6, the rule would never match them."""
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
+        return ipaddress.IPv4Network((network.network_address.ipv4_mapped, network.prefixlen - 96))
+    return network
 
 
 def _host_name_problem(name: str) -> str | None:
@@ -257,6 +268,14 @@ def _parse_key(container: str, dest: str, port: int | None, proto: str) -> tuple
     return RuleKey(_check_container(container), normalised_dest, port, checked_proto), dest_kind
 
 
+def checked_rule(
+    container: str, dest: str, action: str, port: int | None, proto: str
+) -> tuple[RuleKey, DestKind, Action]:
+    """A rule's identity and action, checked and normalised as add() does (for rule files)."""
+    key, dest_kind = _parse_key(container, dest, port, proto)
+    return key, dest_kind, _check_action(action)
+
+
 def _normalise_addresses(addresses: Iterable[str]) -> tuple[str, ...]:
     """Canonical CIDRs, IPv4 first, numerically sorted, without duplicates."""
     networks = {ipaddress.ip_network(address, strict=True) for address in addresses}
@@ -285,7 +304,7 @@ def resolve(name: str, resolver: Resolver = socket.getaddrinfo) -> tuple[str, ..
     ]
     if not addresses:
         raise UserError(f"cannot resolve {name}: no A or AAAA records", EXIT_USAGE)
-    return _normalise_addresses(f"{address}/{address.max_prefixlen}" for address in addresses)
+    return _normalise_addresses(str(_ipv4_if_mapped(ipaddress.ip_network(address))) for address in addresses)
 
 
 @dataclass(frozen=True)
@@ -440,10 +459,16 @@ class StoreContents:
         return rule_id
 
     def ensure_slot(self, container: str) -> int:
-        # Slots are never freed, so max + 1 has never belonged to another name.
+        # A freed number may be given again: each sync rewrites the trie and every running
+        # container's tag together, so an old tag never carries another name's rules on.
         if container not in self.slots:
             self.slots[container] = max(self.slots.values(), default=0) + 1
         return self.slots[container]
+
+    def free_unused_slots(self) -> None:
+        """A name no rule names keeps no slot (the store would otherwise grow forever)."""
+        named = {rule.container for rule in self.rules}
+        self.slots = {name: slot for name, slot in self.slots.items() if name in named}
 
     def replace_rules(self, updated: Mapping[int, Rule]) -> None:
         """Swap rules by rule_id, keeping their place in the age order."""
@@ -455,11 +480,11 @@ class _Corrupt(Exception):
 
 
 class RuleStore:
-    def __init__(self, state_dir: Path | None = None, lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
+    def __init__(self, state_dir: Path | None = None, lock_timeout: float | None = None):
         self.state_dir = state_dir or default_state_dir()
         self.path = self.state_dir / "rules.json"
         self.lock_path = self.state_dir / "rules.lock"
-        self.lock_timeout = lock_timeout
+        self.lock_timeout = lock_timeout  # None: EGRESS_TOP_LOCK_TIMEOUT or lockfile's default
 
     # -- reading and writing
 
@@ -475,7 +500,7 @@ class RuleStore:
         """Read-modify-write under the exclusive lock. The document is written back,
         atomically, only if the block finishes without an exception and changed it."""
         with self._io_errors("create"):
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.state_dir, owner=os.geteuid())
         with self._locked(fcntl.LOCK_EX):
             before = self._read_text()
             contents = self._decode(before)
@@ -486,28 +511,12 @@ class RuleStore:
 
     @contextlib.contextmanager
     def _locked(self, operation: int) -> Iterator[None]:
-        # Readers may open the lock file read-only: flock does not care.
-        mode = os.O_RDWR if operation == fcntl.LOCK_EX else os.O_RDONLY
-        with self._io_errors("open"):
-            fd = os.open(self.lock_path, mode | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            # Polling instead of a blocking flock, so a hung holder turns into an error.
-            deadline = time.monotonic() + self.lock_timeout
-            while True:
-                try:
-                    fcntl.flock(fd, operation | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise UserError(
-                            f"rule store {self.path} stayed locked by another process for "
-                            f"{self.lock_timeout:g}s; try again (fuser {self.lock_path} shows who holds it)",
-                            EXIT_STORE,
-                        ) from None
-                    time.sleep(0.01)
+        exclusive = operation == fcntl.LOCK_EX
+        with (
+            self._io_errors("open"),
+            bounded_lock(self.lock_path, f"rule store {self.path}", exclusive, self.lock_timeout),
+        ):
             yield
-        finally:
-            os.close(fd)  # releases the lock
 
     def _read_text(self) -> str | None:
         with self._io_errors("read"):
@@ -525,7 +534,6 @@ class RuleStore:
             fd, temp_name = tempfile.mkstemp(dir=self.state_dir, prefix=".rules.json.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as temp:
-                    os.fchmod(temp.fileno(), 0o644)  # mkstemp's 0600 would hide rules from readers
                     temp.write(text)
                     temp.flush()
                     os.fsync(temp.fileno())
@@ -624,6 +632,7 @@ class RuleStore:
             if rule is None:
                 raise UserError(_no_such_rule(key, contents.rules_of(key.container)), EXIT_USAGE)
             contents.rules.remove(rule)
+            contents.free_unused_slots()
         return rule
 
     def remove_all(self, container: str) -> list[Rule]:
@@ -631,6 +640,7 @@ class RuleStore:
         with self.transaction() as contents:
             removed = contents.rules_of(name)
             contents.rules = [rule for rule in contents.rules if rule.container != name]
+            contents.free_unused_slots()
         return removed
 
     def rules(self, container: str | None = None) -> list[Rule]:

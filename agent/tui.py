@@ -26,8 +26,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from agent.model import ContainerStats, Snapshot
-from agent.plain import CONTAINER_WIDTHS, fit, header
+from agent.model import ContainerStats, Snapshot, Verdict
+from agent.plain import CONTAINER_WIDTHS, enforcement_warning, fit, header
 from agent.rows import CONTAINER_COLUMNS, FLOW_COLUMNS, SORT_KEYS, container_cells, flow_cells, sorted_stats
 from agent.units import sparkline
 
@@ -134,6 +134,9 @@ def _edit_filter(state: ViewState, key: str) -> ViewState:
 
 def _header(snapshot: Snapshot, state: ViewState, host: HostInfo) -> Text:
     text = Text(f"{header(snapshot, host.hostname)}  kernel {host.kernel}", style="bold")
+    warning = enforcement_warning(snapshot)
+    if warning:
+        text.append(f"\n{warning}", style="bold red")
     arrow = "↑" if (state.sort == "name") != state.reverse else "↓"
     text.append(f"\nsort {state.sort} {arrow}")
     if state.editing_filter:
@@ -181,7 +184,8 @@ def _flow_table(stats: ContainerStats, snapshot: Snapshot, state: ViewState) -> 
         )
     for flow in shown:
         cells = flow_cells(flow, snapshot.interval, snapshot.time)
-        table.add_row(*cells, style="red" if cells[-1] == "dropped" else None)
+        # dropped, dropped_unparsed and held rows alike: the packet did not leave
+        table.add_row(*cells, style=None if cells[-1] == Verdict.FORWARDED else "red")
     return table
 
 

@@ -1,7 +1,8 @@
 """sudo .venv/bin/python -m bench [--quick | --smoke] [--only NAME ...] [--results DIR]
 
-Runs the benchmarks on this machine and writes bench/results/*.json, rule_scaling.png and
-SUMMARY.md. Holds the machine lock (/tmp/ett-machine.lock) for the whole run, unless the
+Runs the benchmarks on this machine and writes bench/results/*.json, rule_scaling.png,
+agent_cost.png and SUMMARY.md; a run into bench/results also rewrites README's block of
+benchmark figures from them (nothing else writes either). Holds the machine lock (/tmp/ett-machine.lock) for the whole run, unless the
 process that started it holds it already; keeps rules in a private temporary store.
 """
 
@@ -19,9 +20,9 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.common import DEFAULT_RESULTS, FULL, PROFILES, Results, Settings, machine_lock, progress
+from bench.common import DEFAULT_RESULTS, FULL, PROFILES, README, Results, Settings, machine_lock, progress
 from bench.environment import Environment, environment
-from bench.summary import write_summary
+from bench.summary import update_readme, write_summary
 
 STEPS = ("datapath", "scaling", "latency", "agent", "refresh", "startup")
 
@@ -64,8 +65,10 @@ def steps(
     env: Environment, settings: Settings, results: Results, only: set[str]
 ) -> dict[str, Callable[[], object]]:
     """Each benchmark, in the order they run (imported late: BCC is loaded by the first)."""
-    from bench.control_plane import agent_cost, cold_start, read_and_aggregate
+    from bench.agent_cost import agent_cost
+    from bench.control_plane import read_and_aggregate
     from bench.latency import latencies
+    from bench.startup import cold_start
     from bench.throughput import run_throughput
 
     chosen: dict[str, Callable[[], object]] = {}
@@ -86,7 +89,10 @@ def steps(
 def main() -> None:
     args = parse_arguments()
     if args.summary:
-        print(write_summary(Results(args.results)))
+        results = Results(args.results)
+        print(write_summary(results))
+        if args.results.resolve() == DEFAULT_RESULTS.resolve():
+            update_readme(results, README)
         return
     settings = PROFILES["smoke"] if args.smoke else PROFILES["quick"] if args.quick else FULL
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -114,6 +120,8 @@ def main() -> None:
         },
     )
     summary = write_summary(results)
+    if args.results.resolve() == DEFAULT_RESULTS.resolve() and update_readme(results, README):
+        progress(f"{README.name}: benchmark figures replaced by this run's")
     progress(f"done in {(time.monotonic() - started) / 60:.1f} min: {summary}")
 
 

@@ -1,13 +1,10 @@
-"""Control-plane cost: reading and aggregating the flow table, the agent's CPU and memory
-while it refreshes, and egress-top's cold start."""
+"""Control-plane cost: reading and aggregating the flow table (the agent's own cost:
+bench/agent_cost.py; start-up times: bench/startup.py)."""
 
 from __future__ import annotations
 
 import ctypes
 import ipaddress
-import statistics
-import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,15 +12,14 @@ from typing import Any
 import numpy as np
 from bcc.libbcc import lib
 
-from agent.datapath import FLOW_KEY_DTYPE, FLOW_STATS_DTYPE, Maps, open_datapath, our_filters, pins_exist
+from agent.datapath import FLOW_KEY_DTYPE, FLOW_STATS_DTYPE, Maps, open_datapath
+from agent.datapath.percpu import possible_cpus
 from agent.flows import FlowAggregator, TableRead
 from agent.model import Container, Endpoint, Inventory
-from bench.common import BIN, Results, Settings, progress, spread
-from bench.environment import Environment, refuse_if_busy
+from bench.common import Results, Settings, progress, spread
 
 SYNTHETIC_CONTAINERS = 200
 MOVING_FRACTIONS = {"1%": 100, "100%": 1}  # label -> every n-th flow moves each refresh
-CONTAINER_START_BUDGET = 150.0  # seconds: fewer containers rather than a bench run of an hour
 FLOW_DESTINATIONS = ipaddress.IPv4Network("100.64.0.0/10")  # only written into the map: no packet
 
 
@@ -56,8 +52,13 @@ def synthetic_flows(count: int, ifindexes: list[int]) -> tuple[np.ndarray, np.nd
 
 
 def fill(maps: Maps, keys: np.ndarray, stats: np.ndarray) -> None:
-    """BPF_MAP_UPDATE_BATCH straight from the numpy arrays."""
+    """BPF_MAP_UPDATE_BATCH straight from the numpy arrays. A per-CPU table takes one copy
+    per possible CPU: the flow goes in CPU 0's, the others stay empty (as if one CPU saw it)."""
     count = ctypes.c_uint32(len(keys))
+    if maps.flows.percpu:
+        copies = np.zeros((len(stats), possible_cpus()), stats.dtype)
+        copies[:, 0] = stats
+        stats = copies
     keys, stats = np.ascontiguousarray(keys), np.ascontiguousarray(stats)
     if lib.bpf_update_batch(maps.flows.fd, keys.ctypes.data, stats.ctypes.data, ctypes.byref(count)) != 0:
         raise OSError(ctypes.get_errno(), "BPF_MAP_UPDATE_BATCH on the flow table")
@@ -135,174 +136,3 @@ def _refreshes(datapath: Maps, inventory: Inventory, every: int, repetitions: in
         "aggregate_ms": spread([1000 * t for t in aggregations[1:]]),
         "refresh_ms": spread([1000 * (r + a) for r, a in zip(reads[1:], aggregations[1:], strict=True)]),
     }
-
-
-# --- the agent at work -------------------------------------------------------------------
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in USER_HZ ticks
-
-
-def _memory_mb(pid: int) -> dict[str, float]:
-    wanted = {"VmRSS", "RssAnon", "RssFile"}
-    memory = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in wanted:
-            memory[name] = int(value.split()[0]) / 1024
-    return memory
-
-
-class AgentProcess:
-    """`egress-agent run -i 1`, returned once it says it is ready."""
-
-    def __init__(self, *extra: str, interval: float = 1.0):
-        self.proc = subprocess.Popen(
-            [str(BIN / "egress-agent"), "run", "-i", str(interval), *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            if "ready" in line:
-                break
-        else:
-            raise RuntimeError(f"egress-agent exited before it was ready (exit {self.proc.wait()})")
-        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # keep draining it
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def usage(self, seconds: float) -> dict[str, Any]:
-        """CPU (% of one core) over `seconds`, and memory sampled each second."""
-        cpu_before, wall_before = _cpu_seconds(self.pid), time.monotonic()
-        samples = []
-        while time.monotonic() - wall_before < seconds:
-            samples.append(_memory_mb(self.pid))
-            time.sleep(1.0)
-        cpu = (_cpu_seconds(self.pid) - cpu_before) / (time.monotonic() - wall_before)
-        return {
-            "seconds": seconds,
-            "cpu_percent_of_one_core": 100 * cpu,
-            **{f"{name}_mb": spread([s[name] for s in samples]) for name in samples[0]},
-        }
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: a clean stop
-            self.proc.wait(timeout=60)
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
-
-
-def start_containers(env: Environment, wanted: int) -> tuple[list[Any], float]:
-    """As many of `wanted` sleeping containers as start within the budget."""
-    started = time.monotonic()
-    containers: list[Any] = []
-    while len(containers) < wanted and time.monotonic() - started < CONTAINER_START_BUDGET:
-        batch = min(20, wanted - len(containers))
-        containers += env.containers(f"agent{len(containers):03d}-", batch)
-    return containers, time.monotonic() - started
-
-
-def agent_cost(env: Environment, settings: Settings, results: Results) -> Path:
-    """egress-agent run -i 1 with real sleeping containers: first with an empty flow table,
-    then with `agent_flows` flows written into its map and 1% of them moving each second."""
-    containers, start_seconds = start_containers(env, settings.agent_containers)
-    progress(f"agent: {len(containers)} containers started in {start_seconds:.0f} s")
-    veths = list(env.veth_ifindexes(containers).values())
-    flows = settings.agent_flows
-    agent = AgentProcess("--flow-table-size", str(2 * flows))
-    env.teardown.add("egress-agent", agent.stop)
-    stop_moving = threading.Event()
-    settle = min(3.0, settings.agent_seconds / 3)  # past start-up, past the first refreshes of a full table
-    try:
-        wait_until(lambda: set(veths) <= set(our_filters()), 60, "the agent to attach to every container")
-        time.sleep(settle)
-        idle = agent.usage(settings.agent_seconds / 3)
-        maps = Maps()
-        keys, stats = synthetic_flows(flows, veths)
-        fill(maps, keys, stats)
-
-        def move_one_percent() -> None:
-            while not stop_moving.wait(1.0):
-                move(stats, 100, time.clock_gettime_ns(time.CLOCK_MONOTONIC))
-                fill(maps, keys[::100], stats[::100])
-
-        mover = threading.Thread(target=move_one_percent, daemon=True)
-        mover.start()
-        time.sleep(settle)
-        loaded = agent.usage(settings.agent_seconds)
-        stop_moving.set()
-        mover.join()
-        flows_in_table = len(maps.read_flows().keys)
-        maps.close()
-    finally:
-        stop_moving.set()
-        agent.stop()
-    env.remove_containers()
-    result = {
-        "containers": len(containers),
-        "containers_wanted": settings.agent_containers,
-        "container_start_seconds": start_seconds,
-        "flows": flows_in_table,
-        "flows_moving_per_second": flows // 100,
-        "flow_table_size": 2 * flows,
-        "idle": idle,
-        "loaded": loaded,
-        "command": f"egress-agent run -i 1 --flow-table-size {2 * flows}",
-    }
-    return results.write("agent_cost", result)
-
-
-# --- cold start -------------------------------------------------------------------------
-
-IMPORT_ONLY = "import agent.cli, bcc"
-LOAD_ONLY = (
-    "import time\n"
-    "from agent.datapath import open_datapath\n"
-    "started = time.perf_counter()\n"
-    "with open_datapath():\n"
-    "    print(time.perf_counter() - started)\n"
-)
-
-
-def _timed_run(command: list[str]) -> tuple[float, str]:
-    started = time.perf_counter()
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return time.perf_counter() - started, output
-
-
-def cold_start(settings: Settings, results: Results) -> Path:
-    """`egress-top --json --count 1 -i 0.1` with nothing of ours loaded or pinned, and where
-    its time goes: interpreter + imports, and compiling + loading the program (BCC)."""
-    python = str(BIN / "python")
-    totals, imports, loads = [], [], []
-    for _ in range(settings.cold_starts):
-        refuse_if_busy()
-        assert not pins_exist() and not our_filters(), "not a cold start: something of ours is loaded"
-        totals.append(_timed_run([str(BIN / "egress-top"), "--json", "--count", "1", "-i", "0.1"])[0])
-        imports.append(_timed_run([python, "-c", IMPORT_ONLY])[0])
-        loads.append(float(_timed_run([python, "-c", LOAD_ONLY])[1]))
-    result = {
-        "command": "egress-top --json --count 1 -i 0.1",
-        "seconds": spread(totals),
-        "breakdown_seconds": {
-            "python_and_imports": spread(imports),
-            "compile_and_load_program": spread(loads),
-            "rest_including_one_interval": statistics.median(totals)
-            - statistics.median(imports)
-            - statistics.median(loads),
-        },
-    }
-    return results.write("cold_start", result)

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.datapath import FLOW_KEY_DTYPE, FLOW_STATS_DTYPE, Maps, our_filters
+from agent.datapath import FLOW_KEY_DTYPE, Maps, our_filters
+from bench.agent_cost import AgentProcess, wait_until
 from bench.common import BIN, Results, Settings, latency_summary, progress, spread
-from bench.control_plane import AgentProcess, wait_until
 from bench.environment import (
     HOST_PYTHON,
     UPSTREAM_BLOCKED,
@@ -100,7 +100,7 @@ def attach_latency(env: Environment, maps: Maps, tries: int) -> dict[str, Any]:
     """Each container pings from its first instant (a numbered burst: PINGS echo requests,
     PING_INTERVAL apart); the pings its flow counted versus the ones ping sent are the
     packets missed before our program was on its veth."""
-    missed, first_counted_ms = [], []
+    missed, first_counted_ms, sent_total, counted_total = [], [], 0, 0
     for attempt in range(tries):
         _forget_flows_to(maps, UPSTREAM_PING)
         container = env.container(
@@ -116,6 +116,7 @@ def attach_latency(env: Environment, maps: Maps, tries: int) -> dict[str, Any]:
         pings = (read.keys["proto"] == IPPROTO_ICMP) & _to(read.keys, UPSTREAM_PING)
         counted = int(read.stats["packets"][pings].sum())
         missed.append(sent - counted)
+        sent_total, counted_total = sent_total + sent, counted_total + counted
         if counted:
             first_counted_ms.append((int(read.stats["first_seen_ns"][pings].min()) - start_called) / 1e6)
         env.remove(container)
@@ -124,6 +125,8 @@ def attach_latency(env: Environment, maps: Maps, tries: int) -> dict[str, Any]:
         "pings_per_try": PINGS,
         "ping_interval_seconds": float(PING_INTERVAL),
         "tries_with_no_packet_missed": sum(1 for m in missed if m == 0),
+        "pings_sent": sent_total,
+        "pings_counted": counted_total,
         "missed_packets": spread([float(m) for m in missed]),
         "start_call_to_first_counted_ms": latency_summary(first_counted_ms) if first_counted_ms else None,
     }
@@ -172,9 +175,9 @@ class FlowPoller(threading.Thread):
     def run(self) -> None:
         previous = None
         while not self.stop_event.is_set():
-            value = self.maps.flows.lookup(self.key)
-            if value is not None:
-                stats = np.frombuffer(value, FLOW_STATS_DTYPE)[0]
+            read = self.maps.lookup_flows(np.frombuffer(self.key, FLOW_KEY_DTYPE))  # per-CPU copies merged
+            if len(read.stats):
+                stats = read.stats[0]
                 counters = (int(stats["packets"]), int(stats["dropped_packets"]))
                 if counters != previous:
                     previous = counters
@@ -287,11 +290,11 @@ def latencies(env: Environment, settings: Settings, results: Results) -> Path:
     env.teardown.add("egress-agent", agent.stop)
     maps = Maps()
     try:
-        attach = attach_latency(env, maps, settings.latency_tries)
+        attach = attach_latency(env, maps, settings.attach_tries)
         progress(
             f"attach: no packet missed in {attach['tries_with_no_packet_missed']}/{attach['tries']} starts"
         )
-        block = block_latency(env, maps, settings.latency_tries)
+        block = block_latency(env, maps, settings.block_tries)
     finally:
         maps.close()
         agent.stop()

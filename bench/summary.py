@@ -16,7 +16,9 @@ MEASURES = (
     ("tcp_4_streams", "bits_per_second", "TCP 4 streams"),
     ("udp_64B", "packets_per_second", "UDP 64 B"),
 )
-RATIO_TARGET = 0.97
+UDP_RATIO_TARGET = 0.98  # issue 11: UDP 64 B throughput with our program / without
+# issue 11, in multiples of the trivial program's ns per packet
+PER_PACKET_TARGETS = {"counting, 1,000 flows": 2.0, "counting + rules, 1,000 flows": 3.0}
 DASH = "\N{EN DASH}"  # ranges in the Markdown
 
 
@@ -59,7 +61,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def program_share(cost: Data | None, rules: int, measure: str) -> Data | None:
+def program_share(cost: Data | None, rules: int | str, measure: str) -> Data | None:
     """Our program's run time per packet and share of the sending CPU (kernel BPF statistics)."""
     return ((cost or {}).get("program_cost") or {}).get(str(rules), {}).get(measure)
 
@@ -92,8 +94,9 @@ def datapath_section(cost: Data) -> list[str]:
         "",
         "iperf3 from a container on a Docker bridge network to a server in the `upstream` netns "
         "(the host's iperf3 in the container's netns: packets leave through its eth0 and host-side "
-        "veth, then bridge, forwarding and NAT). (a') is a second no-program scenario in the same "
-        "rounds: how far apart two identical setups land, i.e. the noise on a ratio.",
+        "veth, then bridge, forwarding and NAT). (t) is a trivial tc program (`return TC_ACT_OK`) "
+        "where ours goes; (a') is a second no-program scenario in the same rounds: how far apart "
+        "two identical setups land, i.e. the noise on a ratio.",
         "",
     ]
     absolute, ratios = [], []
@@ -113,7 +116,11 @@ def datapath_section(cost: Data) -> list[str]:
     lines += ["Ratio to (a):", ""]
     lines += table(["", *titles], ratios)
     shares = []
-    for rules, what in ((0, "counting"), (cost["rules"], f"with {cost['rules']:,} rules")):
+    for rules, what in (
+        ("trivial", "trivial program"),
+        (0, "counting"),
+        (cost["rules"], f"{cost['rules']:,} rules"),
+    ):
         udp, tcp = program_share(cost, rules, "udp_64B"), program_share(cost, rules, "tcp_1_stream")
         if udp and tcp:
             shares.append(
@@ -129,6 +136,34 @@ def datapath_section(cost: Data) -> list[str]:
             "",
         ]
     return lines
+
+
+def per_packet_section(cost: Data) -> list[str]:
+    per_packet = cost.get("per_packet")
+    if not per_packet:
+        return []
+    lines = [
+        "## Per-packet cost against a trivial tc program (kernel BPF statistics)",
+        "",
+        "run_time_ns / run_cnt of the program on the client's veth (kernel.bpf_stats_enabled on, "
+        "restored afterwards), our program and a trivial one (`return TC_ACT_OK`, same hook) in "
+        f"turn, {per_packet['repetitions']} round(s) of {per_packet['datagrams_per_run']:,} UDP "
+        f"datagrams of {per_packet['datagram_payload_bytes']} B each, sent round-robin over the "
+        "flows (TTL 1: dropped by the host after the veth). Both figures include the statistics' "
+        f"own two clock reads per run. ns per packet, median (min{DASH}max).",
+        "",
+    ]
+    rows = [
+        [
+            case["case"] + (f" ({case['rules']:,} rules)" if case["rules"] else ""),
+            ms_range(case["trivial_ns_per_packet"]),
+            ms_range(case["ns_per_packet"]),
+            f"**{case['ratio_to_trivial']['median']:.2f}x** ({case['ratio_to_trivial']['min']:.2f}"
+            f"{DASH}{case['ratio_to_trivial']['max']:.2f})",
+        ]
+        for case in per_packet["cases"]
+    ]
+    return lines + table(["", "trivial program, ns", "egress-top, ns", "ratio"], rows)
 
 
 def scaling_section(scaling: Data) -> list[str]:
@@ -201,17 +236,33 @@ def refresh_section(refresh: Data) -> list[str]:
 
 
 def agent_section(agent: Data) -> list[str]:
+    real = agent.get("real_flows")
     lines = [
         f"## Agent cost: `{agent['command']}`",
         "",
         f"{agent['containers']} real sleeping containers (wanted {agent['containers_wanted']}; started in "
-        f"{agent['container_start_seconds']:.0f} s), the program on each veth. CPU from /proc/PID/stat "
-        "(utime+stime over the whole phase), memory from /proc/PID/status every second (max shown).",
+        f"{agent['container_start_seconds']:.0f} s), the program on each veth. One agent, three phases in "
+        "a row: an empty flow table; **synthetic** flows (written into the map by a thread of the "
+        "bench, which also moves 1% of them each second: the datapath wrote none of them, nor "
+        "announced their moves in its moved-flows ring); "
+        "**real** flows (created by UDP datagrams from the containers, so the entries and their "
+        "timestamps are the datapath's; 1% of them sent again each second)"
+        + (
+            f": {real['in_table']:,} of the {real['created']:,} sent were in the table, from "
+            f"{real['senders']} containers"
+            if real
+            else ""
+        )
+        + ". CPU from /proc/PID/stat (utime+stime over the phase), memory from /proc/PID/status "
+        "every second (max shown); over time: `agent_cost.png`.",
         "",
     ]
-    loaded_label = f"{agent['flows']:,} flows, {agent['flows_moving_per_second']:,} moving each second"
+    moving = f"{agent['flows_moving_per_second']:,} moving each second"
+    phases = [("idle", "empty flow table"), ("loaded", f"{agent['flows']:,} synthetic flows, {moving}")]
+    if "real" in agent:
+        phases.append(("real", f"{(real or {}).get('in_table', 0):,} real flows, {moving}"))
     rows = []
-    for phase, label in (("idle", "empty flow table"), ("loaded", loaded_label)):
+    for phase, label in phases:
         usage = agent[phase]
         rows.append(
             [
@@ -223,9 +274,8 @@ def agent_section(agent: Data) -> list[str]:
                 f"{usage['RssFile_mb']['max']:.0f}",
             ]
         )
-    return lines + table(
-        ["phase", "over", "CPU, % of one core", "VmRSS MB", "RssAnon MB", "RssFile MB"], rows
-    )
+    lines += table(["phase", "over", "CPU, % of one core", "VmRSS MB", "RssAnon MB", "RssFile MB"], rows)
+    return [*lines, "![agent RSS and CPU over time](agent_cost.png)", ""]
 
 
 def latency_section(latency: Data) -> list[str]:
@@ -284,9 +334,23 @@ def cold_start_section(start: Data) -> list[str]:
         f"`{start['command']}` with nothing of ours loaded or pinned, {total['n']} runs: "
         f"**{total['median']:.2f} s** median ({total['min']:.2f}{DASH}{total['max']:.2f}). Where it goes "
         f"(separate runs, medians): Python + imports {parts['python_and_imports']['median']:.2f} s; "
-        f"compiling and loading the program with BCC {parts['compile_and_load_program']['median']:.2f} s; "
+        f"loading the program (BCC compiles it in a child, then it is pinned) "
+        f"{parts['compile_and_load_program']['median']:.2f} s; "
         f"the rest (Docker inventory, attach, one 0.1 s interval, exit) "
         f"{parts['rest_including_one_interval']:.2f} s.",
+        "",
+        *beside_agent_line(start),
+    ]
+
+
+def beside_agent_line(start: Data) -> list[str]:
+    beside = start.get("beside_agent_seconds")
+    if not beside:
+        return []
+    return [
+        f"The same command beside a running `egress-agent run` (program loaded and pinned), "
+        f"{beside['n']} runs: **{beside['median']:.2f} s** median ({beside['min']:.2f}{DASH}"
+        f"{beside['max']:.2f}).",
         "",
     ]
 
@@ -301,9 +365,10 @@ class Verdict:
     met: bool
     remark: str = ""  # in the table
     why: str = ""  # below it, for a missed target: why, and what would close it
+    judged: bool = True  # False: the run cannot tell (too few tries)
 
     def row(self) -> list[str]:
-        verdict = "met" if self.met else "**missed**"
+        verdict = "not judged" if not self.judged else "met" if self.met else "**missed**"
         return [self.target, self.measured, verdict + (f": {self.remark}" if self.remark else "")]
 
 
@@ -312,46 +377,40 @@ def _ratio(row: Data | None, measure: str) -> float | None:
     return figure["ratio_to_baseline"] if figure else None
 
 
-def ratio_targets(cost: Data) -> list[Verdict]:
-    rows = {row["label"]: row for row in cost["scenarios"]}
-    control = rows.get("(a')")
+def per_packet_targets(cost: Data) -> list[Verdict]:
+    cases = {case["case"]: case for case in (cost.get("per_packet") or {}).get("cases", [])}
     verdicts = []
-    for label, rules, what in (("(b)", 0, "counting"), ("(c)", cost["rules"], f"+ {cost['rules']:,} rules")):
-        ratios = {title: _ratio(rows[label], m) for m, _, title in MEASURES}
-        noise = {title: abs(1 - (_ratio(control, m) or 1)) for m, _, title in MEASURES}
-        short = {t: r for t, r in ratios.items() if r is None or r < RATIO_TARGET}
-        measured = ", ".join(f"{t} {r:.2f}" if r is not None else f"{t} failed" for t, r in ratios.items())
-        remark = "; ".join(
-            f"{t} {points(RATIO_TARGET - r)} short"
-            + (
-                " (within noise: (a') landed " + points(noise[t]) + " from 1)"
-                if noise[t] >= RATIO_TARGET - r
-                else ""
+    for name, limit in PER_PACKET_TARGETS.items():
+        case = cases.get(name)
+        if case is None:
+            continue
+        ratio = case["ratio_to_trivial"]["median"]
+        rules = f" ({case['rules']:,} rules)" if case["rules"] else ""
+        verdicts.append(
+            Verdict(
+                f"per packet, {name}{rules}: ≤ {limit:.1f}x the trivial program",
+                f"{ratio:.2f}x ({case['ns_per_packet']['median']:.0f} ns vs "
+                f"{case['trivial_ns_per_packet']['median']:.0f} ns)",
+                ratio <= limit,
+                "" if ratio <= limit else f"{ratio / limit:.1f}x the budget",
             )
-            for t, r in short.items()
-            if r is not None
         )
-        udp, tcp = program_share(cost, rules, "udp_64B"), program_share(cost, rules, "tcp_1_stream")
-        why = ""
-        if short and udp and tcp:
-            why = (
-                f"{label}: the kernel's BPF statistics put our program at {udp['ns_per_run']:.0f} ns per "
-                f"64 B datagram, {100 * udp['cpu_share']:.1f}% of the saturated sending CPU (TCP: "
-                f"{100 * tcp['cpu_share']:.1f}%): that share, not the noisier ratio, is the real cost. "
-                + (
-                    "Per packet it looks up the endpoint and the flow (LRU hash), reads the clock and "
-                    "does up to four atomic adds on a flow entry shared by all CPUs; an LRU hash "
-                    "without the common LRU list (BPF_F_NO_COMMON_LRU) and per-CPU counters would "
-                    "remove the atomics and the LRU lock."
-                    if rules == 0
-                    else "Rules add the three LPM lookups to every packet; keeping the verdict and rule id "
-                    "in the flow entry with a policy generation number, and doing the lookups only "
-                    "when a flow is new or the policy changed, would make established flows cost what "
-                    "counting costs."
-                )
-            )
-        verdicts.append(Verdict(f"{label} {what} ≥ 97% of (a)", measured, not short, remark, why))
     return verdicts
+
+
+def udp_ratio_target(cost: Data) -> Verdict:
+    rows = {row["label"]: row for row in cost["scenarios"]}
+    ratios = {title: _ratio(rows["(b)"], m) for m, _, title in MEASURES}
+    udp = ratios["UDP 64 B"]
+    noise = abs(1 - (_ratio(rows.get("(a')"), "udp_64B") or 1))
+    met = udp is not None and udp >= UDP_RATIO_TARGET
+    remark = ""
+    if udp is not None and not met:
+        remark = f"{points(UDP_RATIO_TARGET - udp)} short" + (
+            f" (within noise: (a') landed {points(noise)} from 1)" if noise >= UDP_RATIO_TARGET - udp else ""
+        )
+    measured = ", ".join(f"{t} {r:.2f}" if r is not None else f"{t} failed" for t, r in ratios.items())
+    return Verdict(f"(b) counting: UDP 64 B throughput ≥ {UDP_RATIO_TARGET} of (a)", measured, met, remark)
 
 
 def scaling_target(scaling: Data, cost: Data | None) -> Verdict | None:
@@ -415,56 +474,52 @@ def refresh_target(refresh: Data) -> Verdict | None:
     )
 
 
-def agent_target(agent: Data, refresh: Data | None) -> Verdict:
-    loaded, idle = agent["loaded"], agent["idle"]
-    cpu, rss = loaded["cpu_percent_of_one_core"], loaded["VmRSS_mb"]["max"]
+AGENT_CPU_PERCENT, AGENT_RSS_MB = 1.0, 50.0  # issue 11, with 200 containers and 100,000 flows
+
+
+def agent_target(agent: Data) -> Verdict:
+    """Judged on the real flows when the run has them: the synthetic ones are the bench's."""
+    phase = "real" if "real" in agent else "loaded"
+    usage, idle = agent[phase], agent["idle"]
+    cpu, rss = usage["cpu_percent_of_one_core"], usage["VmRSS_mb"]["max"]
     misses = []
-    if cpu >= 5:
-        misses.append(f"CPU {cpu / 5:.1f}x the budget")
-    if rss >= 150:
-        misses.append(f"RSS {rss - 150:.0f} MB over")
-    why = []
-    if cpu >= 5:
-        level = ((refresh or {}).get("levels") or {}).get(str(agent["flows"] // 1000 * 1000)) or {}
-        read = level.get("1%", {}).get("read_ms", {}).get("median")
-        why.append(
-            f"Agent CPU: {idle['cpu_percent_of_one_core']:.1f}% with an empty table, "
-            f"{cpu:.1f}% with the flows: the refresh is the cost"
-            + (f" (the batch read of that many entries alone takes {read:.0f} ms a second)" if read else "")
-            + ". Reading only the flows that moved (the datapath keeping their keys in a small "
-            "per-CPU or ring map that the agent drains) would make a refresh cost what moved, "
-            "not the table size."
-        )
-    if rss >= 150:
-        why.append(
-            f"Agent memory: {loaded['RssFile_mb']['max']:.0f} MB of it is file-backed (libbcc's "
-            "LLVM/clang, mapped for the compile and never unmapped) and "
-            f"{loaded['RssAnon_mb']['max']:.0f} MB "
-            f"anonymous (already {idle['RssAnon_mb']['max']:.0f} MB with an empty table: Python, numpy, "
-            "the Docker SDK, BCC's state). Compiling and loading in a short-lived child (or a "
-            "precompiled object loaded with libbpf) and pinning the program would leave the agent "
-            "with the raw-syscall map code it already uses, without LLVM."
-        )
+    if cpu > AGENT_CPU_PERCENT:
+        misses.append(f"CPU {cpu / AGENT_CPU_PERCENT:.1f}x the budget")
+    if rss > AGENT_RSS_MB:
+        misses.append(f"RSS {rss - AGENT_RSS_MB:.0f} MB over")
+    flows = agent.get("real_flows", {}).get("in_table", agent["flows"]) if phase == "real" else agent["flows"]
+    synthetic = agent["loaded"]
     return Verdict(
-        f"agent at {agent['containers']} containers / {agent['flows']:,} flows: < 5% of a core, < 150 MB",
+        f"agent at {agent['containers']} containers / {flows:,} {'real' if phase == 'real' else 'synthetic'} "
+        f"flows: ≤ {AGENT_CPU_PERCENT:.0f}% of a core, ≤ {AGENT_RSS_MB:.0f} MB",
         f"{cpu:.1f}% of one core, {rss:.0f} MB RSS (empty table: {idle['cpu_percent_of_one_core']:.1f}%, "
-        f"{idle['VmRSS_mb']['max']:.0f} MB)",
+        f"{idle['VmRSS_mb']['max']:.0f} MB; synthetic flows: {synthetic['cpu_percent_of_one_core']:.1f}%, "
+        f"{synthetic['VmRSS_mb']['max']:.0f} MB)",
         not misses,
         "; ".join(misses),
-        " ".join(why),
     )
+
+
+ATTACH_STARTS_FOR_99 = 300  # with fewer, one miss in a hundred is too likely to go unseen
+BLOCK_COMMAND_SECONDS = 0.25  # issue 11: egress-block on the fast path
+COLD_START_SECONDS = 1.5  # issue 11: nothing loaded
+BESIDE_AGENT_SECONDS = 0.5  # issue 11: the datapath loaded by a running agent
 
 
 def latency_targets(latency: Data) -> list[Verdict]:
     attach, block = latency["attach"], latency["block"]
     share = attach["tries_with_no_packet_missed"] / attach["tries"]
+    enough = attach["tries"] >= ATTACH_STARTS_FOR_99
     drop = block["block_returned_to_first_drop_ms"]
     leaked = block["packets_forwarded_after_block_returned"]
+    command = block["egress_block_command_seconds"]
     return [
         Verdict(
             "attach: no packet of a new container missed in ≥ 99% of starts",
             f"{attach['tries_with_no_packet_missed']}/{attach['tries']} starts ({100 * share:.0f}%)",
-            share >= 0.99,
+            share >= 0.99 and enough,
+            "" if enough else f"{attach['tries']} starts cannot tell 99% (it takes ≥ {ATTACH_STARTS_FOR_99})",
+            judged=enough,
         ),
         Verdict(
             "block: egress-block returned → first drop, p99 < 50 ms",
@@ -472,39 +527,47 @@ def latency_targets(latency: Data) -> list[Verdict]:
             + f"; {leaked} packets passed after it returned",
             drop is not None and drop["p99"] < 50 and leaked == 0,
         ),
+        Verdict(
+            f"egress-block (fast path) returns in ≤ {1000 * BLOCK_COMMAND_SECONDS:.0f} ms",
+            f"{1000 * command['median']:.0f} ms median (max {1000 * command['max']:.0f} ms)",
+            command["median"] <= BLOCK_COMMAND_SECONDS,
+        ),
     ]
 
 
-def cold_start_target(start: Data) -> Verdict:
-    median, parts = start["seconds"]["median"], start["breakdown_seconds"]
-    compile_seconds = parts["compile_and_load_program"]["median"]
-    why = ""
-    if median >= 2:
-        why = (
-            f"Cold start: BCC compiling the program takes {compile_seconds:.2f} s of it and Python with "
-            f"the imports {parts['python_and_imports']['median']:.2f} s. Caching the compiled object "
-            "(keyed by the source, the -D values and the kernel) or shipping a precompiled CO-RE "
-            "object would remove most of the compile."
+def start_targets(start: Data) -> list[Verdict]:
+    median = start["seconds"]["median"]
+    beside = start.get("beside_agent_seconds")
+    found = []
+    if beside:
+        found.append(
+            Verdict(
+                f"front end beside a running agent ≤ {BESIDE_AGENT_SECONDS} s",
+                f"{beside['median']:.2f} s median (max {beside['max']:.2f} s)",
+                beside["median"] <= BESIDE_AGENT_SECONDS,
+            )
         )
-    return Verdict(
-        "cold start < 2 s",
-        f"{median:.2f} s median (max {start['seconds']['max']:.2f} s)",
-        median < 2,
-        "" if median < 2 else f"{median - 2:.2f} s over",
-        why,
-    )
+    return [
+        *found,
+        Verdict(
+            f"cold start (nothing loaded) ≤ {COLD_START_SECONDS} s",
+            f"{median:.2f} s median (max {start['seconds']['max']:.2f} s)",
+            median <= COLD_START_SECONDS,
+            "" if median <= COLD_START_SECONDS else f"{median - COLD_START_SECONDS:.2f} s over",
+        ),
+    ]
 
 
 def verdicts(results: Results) -> list[Verdict]:
     load = results.load
     cost, scaling, refresh = load("datapath_cost"), load("rule_scaling"), load("read_and_aggregate")
     agent, latency, start = load("agent_cost"), load("latency"), load("cold_start")
-    found = ratio_targets(cost) if cost else []
+    found = [*per_packet_targets(cost), udp_ratio_target(cost)] if cost else []
     found += [scaling_target(scaling, cost)] if scaling else []
     found += [refresh_target(refresh)] if refresh else []
-    found += [agent_target(agent, refresh)] if agent else []
+    found += [agent_target(agent)] if agent else []
     found += latency_targets(latency) if latency else []
-    found += [cold_start_target(start)] if start else []
+    found += start_targets(start) if start else []
     return [verdict for verdict in found if verdict is not None]
 
 
@@ -519,9 +582,41 @@ def targets_section(results: Results) -> list[str]:
     return lines
 
 
+README_BEGIN = "<!-- bench-summary: written by `python -m bench` from bench/results; do not edit -->"
+README_END = "<!-- /bench-summary -->"
+
+
+def readme_block(results: Results) -> list[str]:
+    """What README quotes: the run, the targets and the per-packet table, from SUMMARY.md's
+    own sections, so the two cannot disagree."""
+    run, cost = results.load("run"), results.load("datapath_cost")
+    lines = [README_BEGIN, ""]
+    if run:
+        lines += [
+            f"Recorded run {run['run']['started']} (profile {run['run']['profile']}, kernel {run['kernel']}, "
+            f"{run['cpus']} CPUs): `{run['command']}`. Everything else it measured, with min{DASH}max: "
+            "[bench/results/SUMMARY.md](bench/results/SUMMARY.md).",
+            "",
+        ]
+    lines += targets_section(results) + (per_packet_section(cost) if cost else [])
+    return [*lines, README_END]
+
+
+def update_readme(results: Results, readme: Path) -> bool:
+    """Replace the block between the markers; False when README has no such block."""
+    text = readme.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        return False
+    block = "\n".join(readme_block(results)).replace("## ", "#### ")
+    readme.write_text(text[:begin] + block + text[end + len(README_END) :])
+    return True
+
+
 def write_summary(results: Results) -> Path:
     sections: list[tuple[str, Callable[[Data], list[str]]]] = [
         ("datapath_cost", datapath_section),
+        ("datapath_cost", per_packet_section),
         ("rule_scaling", scaling_section),
         ("read_and_aggregate", refresh_section),
         ("agent_cost", agent_section),

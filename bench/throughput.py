@@ -1,8 +1,8 @@
 """Datapath cost and scaling with rules: iperf3 from a container to the upstream netns.
 
-One interleaved run serves both benchmarks: every scenario (no program, our counting
-program, ours/iptables/nftables at each rule count) takes its turn in each round
-(a, b, c, ..., a, b, c, ...), so drift on the machine hits them all alike, and every
+One interleaved run serves both benchmarks: every scenario (no program, a trivial tc
+program, our counting program, ours/iptables/nftables at each rule count) takes its turn
+in each round (a, b, c, ..., a, b, c, ...), so drift on the machine hits them all alike, and every
 figure is a ratio to the no-program baseline of the same run. A second no-program
 scenario (the control) shows how far apart two identical setups land: the noise floor.
 
@@ -10,7 +10,9 @@ The iperf3 client is the host's binary run inside the container's netns, so pack
 leave through the container's eth0 and its host-side veth, where our program sits.
 Client and server are pinned to CPUs 0 and 1 (iperf3 -A 0,1): the sender's CPU then
 does all of the forwarding (veth, bridge, our program or the firewall, NAT), which
-keeps the runs comparable on this 2-core machine.
+keeps the runs comparable on this 2-core machine. After the rounds, each scenario with a
+BPF program gets one more run with the kernel's BPF statistics on, and the per-packet
+cost against the trivial program is measured (bench/per_packet.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from typing import Any
 
 from agent.datapath import Datapath, detach, open_datapath
 from agent.policy import POLICY_ALLOW, POLICY_DROP, LpmEntry
+from bench.bpf_stats import TrivialProgram, attached_program_id, cost, program_counters, statistics_enabled
 from bench.common import Results, Settings, progress, spread
 from bench.environment import (
     IPTABLES_HOOK_CHAIN,
@@ -39,6 +41,7 @@ from bench.environment import (
     netns_exec,
     sh,
 )
+from bench.per_packet import per_packet_cost
 
 # Rule contents only, never a destination: shared address space (RFC 6598).
 NON_MATCHING = ipaddress.IPv4Network("100.64.0.0/10")
@@ -112,6 +115,31 @@ class EgressTop(Scenario):
 
     def unload(self) -> None:
         self.datapath.sync_policy([])
+
+
+class Trivial(Scenario):
+    """`return TC_ACT_OK` where our program goes: the floor a tc program costs."""
+
+    kind = "trivial"
+
+    def __init__(self, ifindex: int):
+        super().__init__(0, "trivial tc program")
+        self.ifindex = ifindex
+        self.program: TrivialProgram | None = None
+
+    def load(self) -> None:
+        self.program = TrivialProgram()
+
+    def setup(self) -> None:
+        assert self.program is not None
+        self.program.attach(self.ifindex)
+
+    def teardown(self) -> None:
+        TrivialProgram.detach(self.ifindex)
+
+    def unload(self) -> None:
+        if self.program is not None:
+            self.program.close()
 
 
 class Iptables(Scenario):
@@ -277,63 +305,32 @@ class Iperf:
         raise MeasurementFailed(error)
 
 
-# --- what our program costs per packet, from the kernel's own accounting -----------------
-
-BPF_STATS_SYSCTL = "kernel.bpf_stats_enabled"
+# --- what a program on the veth costs per packet, from the kernel's own accounting -------
 
 
-def _program_counters() -> tuple[int, int]:
-    """(run_time_ns, run_cnt) of the one BPF program this process loaded (BCC's fd)."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            lines = Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
-            info = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
-            if "run_time_ns" in info:
-                found.append((int(info["run_time_ns"]), int(info["run_cnt"])))
-    if len(set(found)) != 1:
-        raise RuntimeError(f"expected one BPF program open in this process, found {len(found)}")
-    return found[0]
-
-
-@contextlib.contextmanager
-def bpf_run_time_statistics() -> Iterator[None]:
-    before = sh("sysctl", "-n", BPF_STATS_SYSCTL).strip()
-    sh("sysctl", "-qw", f"{BPF_STATS_SYSCTL}=1")
-    try:
-        yield
-    finally:
-        sh("sysctl", "-qw", f"{BPF_STATS_SYSCTL}={before}")
-
-
-def _program_share(iperf: Iperf, measure: Measure) -> dict[str, float | None]:
-    time_before, runs_before = _program_counters()
+def _program_share(iperf: Iperf, measure: Measure, ifindex: int) -> dict[str, Any]:
+    program_id = attached_program_id(ifindex)
+    before, started = program_counters(program_id), time.monotonic()
     iperf.run(measure)
-    time_after, runs_after = _program_counters()
-    runs, busy_ns = runs_after - runs_before, time_after - time_before
-    return {
-        "ns_per_run": busy_ns / runs if runs else None,
-        "runs_per_second": runs / iperf.seconds,
-        "cpu_share": busy_ns / (iperf.seconds * 1e9),
-    }
+    return cost(before, program_counters(program_id), time.monotonic() - started)
 
 
-def program_cost(scenarios: list[Scenario], iperf: Iperf) -> dict[str, Any]:
-    """One extra run of each measure per egress-top scenario with the kernel's BPF run-time
-    statistics on (they add two clock reads per run, so never in the scored rounds): what
-    one run of our program costs (a packet; for TCP, a GSO super-packet of up to 64 KB) and
-    the share of the sending CPU that makes, free of the throughput noise."""
+def program_cost(scenarios: list[Scenario], iperf: Iperf, ifindex: int) -> dict[str, Any]:
+    """One extra run of each measure per scenario with a BPF program on the veth (ours at
+    each rule count, and the trivial one), the kernel's BPF run-time statistics on (they add
+    two clock reads per run, so never in the scored rounds): what one run of the program
+    costs (a packet; for TCP, a GSO super-packet of up to 64 KB) and the share of the
+    sending CPU that makes, free of the throughput noise. Keyed by rule count, or "trivial"."""
     costs = {}
-    for scenario in scenarios:
-        if isinstance(scenario, EgressTop):
-            scenario.setup()
-            try:
-                with bpf_run_time_statistics():
-                    costs[str(scenario.rules)] = {
-                        m.name: _program_share(iperf, m) for m in (TCP_1_STREAM, UDP_64B)
-                    }
-            finally:
-                scenario.teardown()
+    with statistics_enabled():
+        for scenario in scenarios:
+            if isinstance(scenario, EgressTop | Trivial):
+                scenario.setup()
+                try:
+                    key = "trivial" if isinstance(scenario, Trivial) else str(scenario.rules)
+                    costs[key] = {m.name: _program_share(iperf, m, ifindex) for m in (TCP_1_STREAM, UDP_64B)}
+                finally:
+                    scenario.teardown()
     return costs
 
 
@@ -404,13 +401,14 @@ class Plan:
     """Which scenarios and measures the selected benchmarks need, built once, shared."""
 
     def __init__(self, datapath: Datapath, ifindex: int, settings: Settings, cost: bool, scaling: bool):
-        self.settings = settings
+        self.settings, self.ifindex = settings, ifindex
         counts = set(settings.rule_counts if scaling else ())
         if cost:
             counts |= {0, settings.cost_rules}
         self.rule_counts = sorted(counts)
         self.baseline = Scenario()
         self.control = Scenario(name=CONTROL) if cost else None
+        self.trivial: Trivial | None = None
         self.by_kind: dict[tuple[str, int], Scenario] = {}
         for count in self.rule_counts:
             self.by_kind["egress-top", count] = EgressTop(datapath, ifindex, count)
@@ -419,16 +417,29 @@ class Plan:
                 self.by_kind["nftables", count] = NftSet(count)
         self.cost_scenarios: list[Scenario] = []
         if cost:
+            self.trivial = Trivial(ifindex)
             self.cost_scenarios = [
                 self.baseline,
+                self.trivial,
                 self.by_kind["egress-top", 0],
                 self.by_kind["egress-top", settings.cost_rules],
                 self.by_kind["iptables", settings.cost_rules],
                 self.by_kind["nftables", settings.cost_rules],
             ]
 
+    def per_packet(self, client_pid: int) -> dict[str, Any]:
+        """Ours (counting; with the cost rule count) against the trivial program."""
+        assert self.trivial is not None
+        rules = self.settings.cost_rules
+        programs = {
+            "trivial": self.trivial,
+            "counting": self.by_kind["egress-top", 0],
+            "rules": self.by_kind["egress-top", rules],
+        }
+        return per_packet_cost(programs, self.ifindex, client_pid, self.settings, rules)
+
     def scenarios(self) -> list[Scenario]:
-        ordered = [self.baseline, *self.by_kind.values()]
+        ordered = [self.baseline, *([self.trivial] if self.trivial else []), *self.by_kind.values()]
         return ordered + ([self.control] if self.control else [])
 
     def measures(self) -> dict[str, list[Measure]]:
@@ -439,7 +450,7 @@ class Plan:
         }
 
 
-COST_LABELS = ("(a)", "(b)", "(c)", "(d)", "(e)")
+COST_LABELS = ("(a)", "(t)", "(b)", "(c)", "(d)", "(e)")
 
 
 def datapath_cost_result(plan: Plan, samples: Samples) -> dict[str, Any]:
@@ -507,15 +518,17 @@ def run_throughput(
         )
         with loaded(scenarios):
             samples = interleave(scenarios, plan.measures(), iperf, settings.repetitions)
-            costs = program_cost(scenarios, iperf)
+            costs = program_cost(scenarios, iperf, ifindex)
+            per_packet = plan.per_packet(env.pid(client)) if cost else None
     iperf.stop_server()
     env.remove(client)
     written = []
     if cost:
         cost_result = datapath_cost_result(plan, samples)
         cost_result["program_cost"] = {
-            count: costs[count] for count in ("0", str(settings.cost_rules)) if count in costs
+            key: costs[key] for key in ("trivial", "0", str(settings.cost_rules)) if key in costs
         }
+        cost_result["per_packet"] = per_packet
         written.append(results.write("datapath_cost", cost_result))
     if scaling:
         scaling_result = rule_scaling_result(plan, samples) | {"program_cost": costs}

@@ -1,9 +1,10 @@
 /* egress-top datapath: runs on the tc ingress hook of each container's host-side
  * veth, which is where the container's *egress* enters the host.
  *
- * Built by BCC (agent/datapath.py) with these -D values:
+ * Built by BCC (agent/datapath/loader.py, in a short-lived child) with these -D values:
  *   FLOW_TABLE_SIZE, POLICY_TABLE_SIZE, PIN_FLOWS, PIN_ENDPOINTS, PIN_POLICY,
- *   PIN_RULE_STATS, PIN_IFINDEX_COUNTERS, PIN_DATAPATH_STATS
+ *   PIN_RULE_STATS, PIN_IFINDEX_COUNTERS, PIN_DATAPATH_STATS, PIN_DATAPATH_CONFIG,
+ *   PIN_SLOT_RULE_KINDS, PIN_VETH_COUNTERS, PIN_FLOW_SHARES, PIN_MOVED_FLOWS
  * Every map is pinned so enforcement and counters outlive the process that loaded
  * the program (the tc filter keeps the program itself alive).
  */
@@ -16,24 +17,85 @@
 
 #include "egress_maps.h"
 
-BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_stats, flows, FLOW_TABLE_SIZE, PIN_FLOWS);
+/* Maps the datapath writes on every packet are per-CPU: no atomics, no shared cache lines. */
+BPF_TABLE_PINNED("lru_percpu_hash", struct flow_key, struct flow_stats, flows, FLOW_TABLE_SIZE, PIN_FLOWS);
 BPF_TABLE_PINNED("hash", __u32, struct endpoint_info, endpoints, 4096, PIN_ENDPOINTS);
 BPF_TABLE_PINNED("lpm_trie", struct policy_lpm_key, struct policy_rule, policy_lpm,
 		 POLICY_TABLE_SIZE, PIN_POLICY, BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", __u32, struct rule_stats, rule_stats, POLICY_TABLE_SIZE, PIN_RULE_STATS);
-BPF_TABLE_PINNED("hash", __u32, struct ifindex_counters, ifindex_counters, 4096, PIN_IFINDEX_COUNTERS);
+BPF_TABLE_PINNED("hash", __u32, __u32, slot_rule_kinds, 4096, PIN_SLOT_RULE_KINDS);
+BPF_TABLE_PINNED("percpu_hash", __u32, struct rule_stats, rule_stats, POLICY_TABLE_SIZE, PIN_RULE_STATS);
+BPF_TABLE_PINNED("percpu_hash", __u32, struct ifindex_counters, ifindex_counters, 4096, PIN_IFINDEX_COUNTERS);
+BPF_TABLE_PINNED("percpu_array", __u32, struct veth_counters, veth_counters, VETH_COUNTER_SLOTS,
+		 PIN_VETH_COUNTERS);
+BPF_TABLE_PINNED("hash", __u32, struct flow_share, flow_shares, 4096, PIN_FLOW_SHARES);
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, datapath_stats, STAT_MAX, PIN_DATAPATH_STATS);
+/* Mappable: user space writes each field in place (a 4-byte store), so the agent bumping
+ * the epoch can never undo another process setting the flags, as a whole-value update could. */
+BPF_TABLE_PINNED("array", __u32, struct datapath_config, datapath_config, 1, PIN_DATAPATH_CONFIG,
+		 BPF_F_MMAPABLE);
 
-/* IPv6 extension headers we step over to find the transport header. Six covers
- * every sane chain (hop-by-hop, routing, fragment, destination options, AH). */
+/* BPF_RINGBUF_OUTPUT with a pin: BCC pins a map whose section names a path after ':'. */
+struct moved_flows_table_t {
+	int key;
+	__u32 leaf;
+	int (*ringbuf_output)(void *, __u64, __u64);
+	void *(*ringbuf_reserve)(__u64);
+	void (*ringbuf_discard)(void *, __u64);
+	void (*ringbuf_submit)(void *, __u64);
+	__u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" PIN_MOVED_FLOWS)))
+struct moved_flows_table_t moved_flows = {.max_entries = MOVED_FLOWS_BYTES};
+
+/* IPv6 extension headers we step over to find the transport header: the ones the
+ * receiving Linux stack steps over (ipv6_ext_hdr()). RFC 8200's recommended chain
+ * (hop-by-hop, destination options, routing, fragment, AH, destination options) has
+ * six; a longer chain is unparsed (see enum verdict). */
 #define MAX_IPV6_EXT_HEADERS 6
 #define IPV6_FRAG_OFFSET_MASK 0xfff8
 #define IPV4_FRAG_OFFSET_MASK 0x1fff
+
+/* How far the parser got. Only PARSE_OK gives a flow key policy can judge. */
+enum parse_result {
+	PARSE_OK = 0,
+	PARSE_UNPARSED = 1,       /* addresses and (as far as known) proto read, transport header not */
+	PARSE_NO_IP_HEADER = 2,   /* IPv4/IPv6 ethertype, but the IP header is truncated */
+	PARSE_NOT_IP = 3,
+};
 
 /* Rank of a match at equal address prefix: port beats protocol beats neither. */
 #define RANK_ANY 0
 #define RANK_PROTO 1
 #define RANK_PORT 2
+
+/* Timestamps are CLOCK_MONOTONIC_COARSE (bpf_ktime_get_coarse_ns, see now_ns): the same
+ * clock as CLOCK_MONOTONIC, behind it by up to the last timekeeping update (a tick or two,
+ * one more from now_ns's cache), for a fraction of a precise read's cost (~35 ns per packet
+ * here). User space allows for it (maps.COARSE_CLOCK_SLACK_NS). */
+
+/* The coarse clock read once per jiffy per CPU: jiffies64 is a plain load, a coarse
+ * clock read is not (measured ~25 ns less per packet). Private to the program: nobody
+ * else reads it, so it is not pinned. */
+struct clock_cache {
+	__u64 jiffies;
+	__u64 ns;
+};
+BPF_PERCPU_ARRAY(clock_cache, struct clock_cache, 1);
+
+static __always_inline __u64 now_ns(void)
+{
+	__u32 zero = 0;
+	struct clock_cache *cached = clock_cache.lookup(&zero);
+	__u64 jiffies = bpf_jiffies64();
+	if (cached && cached->jiffies == jiffies)
+		return cached->ns;
+	__u64 ns = bpf_ktime_get_coarse_ns();
+	if (cached) {
+		cached->jiffies = jiffies;
+		cached->ns = ns;
+	}
+	return ns;
+}
 
 static __always_inline void stat_inc(__u32 index)
 {
@@ -42,69 +104,113 @@ static __always_inline void stat_inc(__u32 index)
 		*value += 1;  /* per-CPU slot: no atomics needed */
 }
 
+/* Headers sit in the skb's linear part nearly always: read them there (direct packet
+ * access, no helper call), and through bpf_skb_load_bytes only when they do not. */
+#define MAX_DIRECT_OFFSET 1024  /* the verifier needs a bound on a variable offset */
+static __always_inline int load_bytes(struct __sk_buff *skb, __u32 off, void *to, const __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	if (off < MAX_DIRECT_OFFSET && data + off + len <= data_end) {
+		__builtin_memcpy(to, data + off, len);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, to, len);
+}
+
 static __always_inline int has_ports(__u8 proto)
 {
 	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
 }
 
-/* Reads ports (or ICMP type/code) at l4_off; a non-first fragment has none. */
-static __always_inline void load_l4(struct __sk_buff *skb, struct flow_key *key, __u32 l4_off)
+/* Reads ports (or ICMP type/code) at l4_off. They must lie inside the IP packet
+ * (ip_end), not just the frame: bytes past the IP length are padding the receiver
+ * trims, and a container could put a harmless-looking port there. */
+static __always_inline int load_l4(struct __sk_buff *skb, struct flow_key *key, __u32 l4_off, __u32 ip_end)
 {
+	if (l4_off > ip_end)
+		return PARSE_UNPARSED;  /* IPv4 options or an extension header cut short */
 	if (has_ports(key->proto)) {
 		__be16 ports[2];
-		if (bpf_skb_load_bytes(skb, l4_off, ports, sizeof(ports)) == 0) {
-			key->src_port = bpf_ntohs(ports[0]);
-			key->dst_port = bpf_ntohs(ports[1]);
-		}
+		if (l4_off + sizeof(ports) > ip_end || load_bytes(skb, l4_off, ports, sizeof(ports)) < 0)
+			return PARSE_UNPARSED;
+		key->src_port = bpf_ntohs(ports[0]);
+		key->dst_port = bpf_ntohs(ports[1]);
 	} else if (key->proto == IPPROTO_ICMP || key->proto == IPPROTO_ICMPV6) {
 		__u8 type_code[2];
-		if (bpf_skb_load_bytes(skb, l4_off, type_code, sizeof(type_code)) == 0) {
-			key->src_port = type_code[0];
-			key->dst_port = type_code[1];
-		}
+		if (l4_off + sizeof(type_code) > ip_end ||
+		    load_bytes(skb, l4_off, type_code, sizeof(type_code)) < 0)
+			return PARSE_UNPARSED;
+		key->src_port = type_code[0];
+		key->dst_port = type_code[1];
 	}
+	return PARSE_OK;  /* other protocols: nothing past the IP header is judged */
+}
+
+/* End of the IP packet in the frame: its IP length, cut at the frame's end. A length
+ * of 0 is a GSO super-packet past 64 KiB (BIG TCP): the frame is the packet. (A
+ * receiver drops any other packet of length 0, so nothing hides behind it.) */
+static __always_inline __u32 ip_end_of(struct __sk_buff *skb, __u32 ip_len)
+{
+	__u32 end = ETH_HLEN + ip_len;
+	return ip_len && end < skb->len ? end : skb->len;
 }
 
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow_key *key)
 {
 	struct iphdr ip;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
-		return -1;
+	if (load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+		return PARSE_NO_IP_HEADER;
 	key->family = 4;
 	key->proto = ip.protocol;
 	__builtin_memcpy(key->src_addr, &ip.saddr, 4);
 	__builtin_memcpy(key->dst_addr, &ip.daddr, 4);
-	if ((bpf_ntohs(ip.frag_off) & IPV4_FRAG_OFFSET_MASK) == 0)
-		load_l4(skb, key, ETH_HLEN + ip.ihl * 4);
-	return 0;
+	__u32 header_len = ip.ihl * 4;
+	__u32 ip_len = bpf_ntohs(ip.tot_len);
+	if (header_len < sizeof(ip) || (ip_len && ip_len < header_len))
+		return PARSE_UNPARSED;  /* the receiver drops it too, but we cannot find its payload */
+	/* A later fragment has no transport header: judged by the rules without a port.
+	 * The datagram is only reassembled with its first fragment, which carries the
+	 * ports and is judged by them (or dropped unparsed without them). */
+	if (bpf_ntohs(ip.frag_off) & IPV4_FRAG_OFFSET_MASK)
+		return PARSE_OK;
+	return load_l4(skb, key, ETH_HLEN + header_len, ip_end_of(skb, ip_len));
+}
+
+static __always_inline int is_ipv6_ext_header(__u8 next)
+{
+	return next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS ||
+	       next == IPPROTO_FRAGMENT || next == IPPROTO_AH;
 }
 
 static __always_inline int parse_ipv6(struct __sk_buff *skb, struct flow_key *key)
 {
 	struct ipv6hdr ip6;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
-		return -1;
+	if (load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
+		return PARSE_NO_IP_HEADER;
 	key->family = 6;
 	__builtin_memcpy(key->src_addr, &ip6.saddr, 16);
 	__builtin_memcpy(key->dst_addr, &ip6.daddr, 16);
+	__u32 payload_len = bpf_ntohs(ip6.payload_len);
+	__u32 ip_end = ip_end_of(skb, payload_len ? sizeof(ip6) + payload_len : 0);
 
 	__u8 next = ip6.nexthdr;
 	__u32 off = ETH_HLEN + sizeof(ip6);
 #pragma unroll
 	for (int i = 0; i < MAX_IPV6_EXT_HEADERS; i++) {
+		if (!is_ipv6_ext_header(next))
+			break;
+		/* next header, length, and the fragment header's offset field */
 		__u8 ext[4];
-		if (next != IPPROTO_HOPOPTS && next != IPPROTO_ROUTING && next != IPPROTO_DSTOPTS &&
-		    next != IPPROTO_FRAGMENT && next != IPPROTO_AH)
-			break;
-		if (bpf_skb_load_bytes(skb, off, ext, sizeof(ext)) < 0)
-			break;
+		key->proto = next;
+		if (off + 8 > ip_end || load_bytes(skb, off, ext, sizeof(ext)) < 0)
+			return PARSE_UNPARSED;  /* chain cut short: a first fragment without its transport header lands here */
 		if (next == IPPROTO_FRAGMENT) {
-			__u16 frag = ((__u16)ext[2] << 8) | ext[3];
 			next = ext[0];
 			off += 8;
-			if (frag & IPV6_FRAG_OFFSET_MASK) {
-				key->proto = next;  /* later fragment: protocol known, ports are not */
-				return 0;
+			if ((((__u16)ext[2] << 8) | ext[3]) & IPV6_FRAG_OFFSET_MASK) {
+				key->proto = next;  /* later fragment: see parse_ipv4 */
+				return PARSE_OK;
 			}
 			continue;
 		}
@@ -113,8 +219,9 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct flow_key *ke
 		next = ext[0];
 	}
 	key->proto = next;
-	load_l4(skb, key, off);
-	return 0;
+	if (is_ipv6_ext_header(next))
+		return PARSE_UNPARSED;  /* longer chain than we follow */
+	return load_l4(skb, key, off, ip_end);
 }
 
 /* Keeps the more specific of the current best and a new match (see agent/policy.py). */
@@ -129,9 +236,10 @@ static __always_inline void prefer(struct policy_rule **best, int *best_rank, st
 	}
 }
 
-/* Three lookups, never a loop over rules: (proto, port), (proto, any), (any, any).
- * Each LPM lookup already returns the longest address prefix for that pair. */
-static __always_inline struct policy_rule *policy_match(struct flow_key *key, __u32 slot)
+/* At most three lookups, never a loop over rules: (proto, port), (proto, any), (any, any),
+ * each only when the slot has a rule of that kind. Each LPM lookup already returns the
+ * longest address prefix for that pair. */
+static __always_inline struct policy_rule *policy_match(struct flow_key *key, __u32 slot, __u32 kinds)
 {
 	struct policy_lpm_key pk = {};
 	struct policy_rule *best = 0;
@@ -142,15 +250,111 @@ static __always_inline struct policy_rule *policy_match(struct flow_key *key, __
 	pk.family = key->family;
 	__builtin_memcpy(pk.addr, key->dst_addr, 16);
 	pk.proto = key->proto;
-	if (has_ports(key->proto) && key->dst_port) {
+	if ((kinds & RULE_KIND_PORT) && has_ports(key->proto) && key->dst_port) {
 		pk.port = key->dst_port;
 		prefer(&best, &best_rank, policy_lpm.lookup(&pk), RANK_PORT);
 	}
 	pk.port = 0;
-	prefer(&best, &best_rank, policy_lpm.lookup(&pk), RANK_PROTO);
+	if (kinds & RULE_KIND_PROTO)
+		prefer(&best, &best_rank, policy_lpm.lookup(&pk), RANK_PROTO);
 	pk.proto = 0;
-	prefer(&best, &best_rank, policy_lpm.lookup(&pk), RANK_ANY);
+	if (kinds & RULE_KIND_ANY)
+		prefer(&best, &best_rank, policy_lpm.lookup(&pk), RANK_ANY);
 	return best;
+}
+
+static __always_inline void add_counters(struct ifindex_counters *to, struct ifindex_counters *from)
+{
+	__u64 *dst = (__u64 *)to, *src = (__u64 *)from;
+#pragma unroll
+	for (int i = 0; i < sizeof(*to) / sizeof(__u64); i++)
+		dst[i] += src[i];
+}
+
+/* The endpoint cache in veth_counters is sound where stores become visible in program
+ * order and loads are not reordered with loads (x86-64, TSO): user space writes a map
+ * entry, then the generation; we read the generation, then the entry. Elsewhere BPF has
+ * no acquire load we could rely on here, so the cache is compiled out. */
+#if defined(__x86_64__)
+#define CACHE_ENDPOINTS 1
+#else
+#define CACHE_ENDPOINTS 0
+#endif
+
+/* What the datapath needs to know of a veth, each packet. */
+struct veth {
+	struct ifindex_counters *counters;  /* this CPU's copy, 0 if no map had room */
+	struct veth_counters *cache;        /* its veth_counters slot, when it holds one */
+	__u32 known;                        /* it has an endpoints entry */
+	__u32 slot;
+	__u32 flags;
+	__u32 rule_kinds;
+};
+
+/* This CPU's counters of the veth (struct veth_counters explains where they live). */
+static __always_inline void counters_of(__u32 ifindex, struct veth *v)
+{
+	__u32 index = ifindex % VETH_COUNTER_SLOTS;
+	struct veth_counters *slot = veth_counters.lookup(&index);
+	v->cache = 0;
+	v->counters = 0;
+	if (!slot)
+		return;
+	if (slot->ifindex == ifindex) {
+		v->cache = slot;
+		v->counters = &slot->counters;
+		return;
+	}
+	struct ifindex_counters zero = {};
+	if (slot->ifindex != 0) {
+		__u32 holder = slot->ifindex;
+		struct ifindex_counters *moved = 0;
+		if (!endpoints.lookup(&holder))
+			moved = ifindex_counters.lookup_or_try_init(&holder, &zero);
+		if (!moved) {  /* held by a live veth: ours go to the hash */
+			v->counters = ifindex_counters.lookup_or_try_init(&ifindex, &zero);
+			return;
+		}
+		add_counters(moved, &slot->counters);
+		__builtin_memset(&slot->counters, 0, sizeof(slot->counters));
+	}
+	slot->ifindex = ifindex;
+	slot->cached_generation = 0;
+	v->cache = slot;
+	v->counters = &slot->counters;
+}
+
+/* The veth's endpoints entry and its slot's rule kinds: from the per-CPU cache while the
+ * generation it was read at is current, else from the maps (and cached again). The
+ * generation is read before the maps, so a copy is never newer than its generation. */
+static __always_inline void endpoint_of(__u32 ifindex, struct datapath_config *config, struct veth *v)
+{
+	__u32 generation = config ? config->endpoints_generation : 0;
+	struct veth_counters *cache = v->cache;
+	if (CACHE_ENDPOINTS && cache && generation && cache->cached_generation == generation) {
+		v->known = cache->cached_flags & ENDPOINT_CACHED_KNOWN;
+		v->flags = cache->cached_flags & ~ENDPOINT_CACHED_KNOWN;
+		v->slot = cache->cached_slot;
+		v->rule_kinds = cache->cached_rule_kinds;
+		return;
+	}
+	struct endpoint_info *ep = endpoints.lookup(&ifindex);
+	v->known = ep != 0;
+	v->slot = ep ? ep->slot : 0;
+	v->flags = ep ? ep->flags : 0;
+	v->rule_kinds = RULE_KIND_PORT | RULE_KIND_PROTO | RULE_KIND_ANY;  /* fail closed */
+	if (v->flags & ENDPOINT_F_POLICY) {
+		__u32 slot = v->slot;
+		__u32 *kinds = slot_rule_kinds.lookup(&slot);
+		if (kinds)
+			v->rule_kinds = *kinds;
+	}
+	if (CACHE_ENDPOINTS && cache) {
+		cache->cached_slot = v->slot;
+		cache->cached_flags = v->flags | (v->known ? ENDPOINT_CACHED_KNOWN : 0);
+		cache->cached_rule_kinds = v->rule_kinds;
+		cache->cached_generation = generation;
+	}
 }
 
 static __always_inline void count_rule_hit(__u32 rule_id, __u64 bytes, __u64 packets, __u64 now)
@@ -159,42 +363,109 @@ static __always_inline void count_rule_hit(__u32 rule_id, __u64 bytes, __u64 pac
 	struct rule_stats *hits = rule_stats.lookup_or_try_init(&rule_id, &zero);
 	if (!hits)
 		return;
-	__sync_fetch_and_add(&hits->packets, packets);
-	__sync_fetch_and_add(&hits->bytes, bytes);
+	hits->packets += packets;  /* per-CPU copy */
+	hits->bytes += bytes;
 	hits->last_hit_ns = now;
 }
 
-static __always_inline struct ifindex_counters *counters_of(__u32 ifindex)
+/* May this veth create one more flow in this epoch? (struct flow_share) */
+static __always_inline int within_flow_share(__u32 ifindex, struct datapath_config *config)
 {
-	struct ifindex_counters zero = {};
-	return ifindex_counters.lookup_or_try_init(&ifindex, &zero);
+	__u32 share = config && config->flow_share ? config->flow_share : FLOW_TABLE_SIZE / 8;
+	__u32 epoch = config ? config->epoch : 0;
+	struct flow_share zero = {};
+	struct flow_share *used = flow_shares.lookup_or_try_init(&ifindex, &zero);
+	if (!used)
+		return 1;  /* the totals stay exact either way */
+	if (used->epoch != epoch) {
+		used->epoch = epoch;
+		used->created = 0;
+	}
+	if (used->created >= share)
+		return 0;
+	__sync_fetch_and_add(&used->created, 1);
+	return 1;
 }
 
-static __always_inline void count_flow(struct flow_key *key, __u64 bytes, __u64 packets, __u64 now,
-				       __u32 rule_id, __u32 verdict)
+/* This CPU's copy of the flow's counters, created on first sight; past the veth's
+ * flow share, its overflow flow's copy instead (and key becomes that flow's). */
+static __always_inline struct flow_stats *flow_of(struct flow_key *key, struct ifindex_counters *c,
+						   struct datapath_config *config, __u64 bytes, __u64 packets)
 {
 	struct flow_stats *st = flows.lookup(key);
-	if (!st) {
-		struct flow_stats fresh = {};
-		fresh.first_seen_ns = now;
-		/* NOEXIST: another CPU may have created it meanwhile, then we just add to it */
-		if (flows.insert(key, &fresh) == 0)
-			stat_inc(STAT_FLOWS_CREATED);
-		st = flows.lookup(key);
-		if (!st) {
-			stat_inc(STAT_FLOW_UPDATE_FAILED);
-			return;
+	if (st)
+		return st;
+	if (!within_flow_share(key->ifindex, config)) {
+		if (c) {
+			c->overflow_packets += packets;
+			c->overflow_bytes += bytes;
 		}
+		__u32 ifindex = key->ifindex;
+		__builtin_memset(key, 0, sizeof(*key));
+		key->ifindex = ifindex;
+		key->family = OVERFLOW_FAMILY;
+		key->proto = OVERFLOW_PROTO;
+		st = flows.lookup(key);
+		if (st)
+			return st;
 	}
-	__sync_fetch_and_add(&st->bytes, bytes);
-	__sync_fetch_and_add(&st->packets, packets);
-	st->last_seen_ns = now;
+	struct flow_stats fresh = {};
+	fresh.first_seen_ns = now_ns();
+	/* NOEXIST: another CPU may have created it meanwhile, then we just add to our copy */
+	if (flows.insert(key, &fresh) == 0)
+		stat_inc(STAT_FLOWS_CREATED);
+	st = flows.lookup(key);
+	if (!st)
+		stat_inc(STAT_FLOW_UPDATE_FAILED);
+	return st;
+}
+
+static __always_inline void count_flow(struct flow_key *key, struct ifindex_counters *c,
+				       struct datapath_config *config, __u64 bytes, __u64 packets,
+				       __u32 rule_id, __u32 verdict)
+{
+	struct flow_stats *st = flow_of(key, c, config, bytes, packets);
+	if (!st)
+		return;
+	st->bytes += bytes;  /* this CPU's copy: no atomics */
+	st->packets += packets;
+	st->last_seen_ns = now_ns();
 	st->rule_id = rule_id;
 	st->verdict = verdict;
-	if (verdict == VERDICT_DROPPED) {
-		__sync_fetch_and_add(&st->dropped_bytes, bytes);
-		__sync_fetch_and_add(&st->dropped_packets, packets);
+	if (verdict != VERDICT_FORWARDED) {
+		st->dropped_bytes += bytes;
+		st->dropped_packets += packets;
 	}
+	__u32 epoch = config ? config->epoch : 0;
+	if (st->epoch != epoch) {
+		st->epoch = epoch;
+		if (moved_flows.ringbuf_output(key, sizeof(*key), 0) < 0)
+			stat_inc(STAT_MOVED_LOST);
+	}
+}
+
+/* A packet that is not judged by the rules: held (unknown veth) or unparsed. Counted
+ * per veth, and as a flow when its addresses are known. */
+static __always_inline int unjudged(struct flow_key *key, int parsed, struct ifindex_counters *c,
+				    struct datapath_config *config, __u64 bytes, __u64 packets, __u32 verdict)
+{
+	if (c) {
+		if (verdict == VERDICT_HELD) {
+			c->held_packets += packets;
+			c->held_bytes += bytes;
+		} else {
+			c->unparsed_packets += packets;
+			c->unparsed_bytes += bytes;
+			if (verdict == VERDICT_DROPPED_UNPARSED) {
+				c->unparsed_dropped_packets += packets;
+				c->unparsed_dropped_bytes += bytes;
+			}
+		}
+	}
+	/* An unparsed key has ports 0: load_l4 fills them only once they are read. */
+	if (parsed != PARSE_NO_IP_HEADER)
+		count_flow(key, c, config, bytes, packets, 0, verdict);
+	return verdict == VERDICT_FORWARDED ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 }
 
 int egress_top_ingress(struct __sk_buff *skb)
@@ -205,43 +476,56 @@ int egress_top_ingress(struct __sk_buff *skb)
 	struct flow_key key = {};
 	key.ifindex = ifindex;
 
-	int parsed = -1;
+	int parsed = PARSE_NOT_IP;
 	if (skb->protocol == bpf_htons(ETH_P_IP))
 		parsed = parse_ipv4(skb, &key);
 	else if (skb->protocol == bpf_htons(ETH_P_IPV6))
 		parsed = parse_ipv6(skb, &key);
-	if (parsed < 0) {
-		/* ARP, VLAN-tagged frames, truncated headers: counted, never judged */
-		struct ifindex_counters *c = counters_of(ifindex);
+
+	struct veth v;
+	counters_of(ifindex, &v);
+	struct ifindex_counters *c = v.counters;
+	if (parsed == PARSE_NOT_IP) {
+		/* ARP, VLAN-tagged frames: counted, never judged */
 		if (c) {
-			__sync_fetch_and_add(&c->non_ip_packets, packets);
-			__sync_fetch_and_add(&c->non_ip_bytes, skb->len);
+			c->non_ip_packets += packets;
+			c->non_ip_bytes += skb->len;
 		}
 		return TC_ACT_UNSPEC;
 	}
 
 	__u64 bytes = skb->len > ETH_HLEN ? skb->len - ETH_HLEN : 0;
-	__u64 now = bpf_ktime_get_ns();
+	if (c) {
+		c->packets += packets;
+		c->bytes += bytes;
+	}
+	__u32 index = 0;
+	struct datapath_config *config = datapath_config.lookup(&index);  /* an array: inlined */
+	endpoint_of(ifindex, config, &v);
+	if (!v.known && config && (config->flags & CONFIG_F_HOLD_UNKNOWN))
+		return unjudged(&key, parsed, c, config, bytes, packets, VERDICT_HELD);
+	int enforced = v.flags & ENDPOINT_F_POLICY;
+	if (parsed != PARSE_OK)
+		return unjudged(&key, parsed, c, config, bytes, packets,
+				enforced ? VERDICT_DROPPED_UNPARSED : VERDICT_FORWARDED);
+
 	__u32 rule_id = 0;
 	__u32 verdict = VERDICT_FORWARDED;
-
-	struct endpoint_info *ep = endpoints.lookup(&ifindex);
-	if (ep && (ep->flags & ENDPOINT_F_POLICY)) {
-		struct policy_rule *rule = policy_match(&key, ep->slot);
+	if (enforced) {
+		struct policy_rule *rule = policy_match(&key, v.slot, v.rule_kinds);
 		if (rule) {
 			rule_id = rule->rule_id;
 			if (rule->action == POLICY_DROP)
 				verdict = VERDICT_DROPPED;
-			count_rule_hit(rule_id, bytes, packets, now);
+			count_rule_hit(rule_id, bytes, packets, now_ns());
 		}
 	}
 
-	count_flow(&key, bytes, packets, now, rule_id, verdict);
+	count_flow(&key, c, config, bytes, packets, rule_id, verdict);
 	if (verdict == VERDICT_DROPPED) {
-		struct ifindex_counters *c = counters_of(ifindex);
 		if (c) {
-			__sync_fetch_and_add(&c->dropped_packets, packets);
-			__sync_fetch_and_add(&c->dropped_bytes, bytes);
+			c->dropped_packets += packets;
+			c->dropped_bytes += bytes;
 		}
 		return TC_ACT_SHOT;
 	}

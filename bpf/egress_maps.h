@@ -1,13 +1,32 @@
 /* Every map key and value egress-top shares between the datapath and user space.
  *
- * agent/datapath.py mirrors these layouts with ctypes/numpy dtypes; change both
- * together and bump EGRESS_TOP_LAYOUT (the pin directory name carries it, because
+ * Traffic direction: every counter here is about a container's *egress*, which enters
+ * the host on the tc ingress hook of its host-side veth.
+ *
+ * The maps (bpf/egress.c), all pinned; who writes them:
+ *   flows             LRU per-CPU hash flow_key -> flow_stats: datapath, every packet
+ *   ifindex_counters  per-CPU hash ifindex -> ifindex_counters: datapath (veths without a
+ *                     veth_counters slot, and counts moved out of one)
+ *   veth_counters     per-CPU array of VETH_COUNTER_SLOTS veth_counters: datapath, every packet
+ *   endpoints         hash ifindex -> endpoint_info: user space (which container, has rules)
+ *   policy_lpm        LPM trie policy_lpm_key -> policy_rule: user space
+ *   slot_rule_kinds   hash slot -> RULE_KIND_* bits: user space (which lookups can match)
+ *   rule_stats        per-CPU hash rule_id -> rule_stats: datapath, on a rule match
+ *   flow_shares       hash ifindex -> flow_share: datapath, when a flow is created
+ *   datapath_stats    per-CPU array of STAT_* counters: datapath
+ *   datapath_config   array[1] datapath_config, mmap-able: user space, field by field
+ *   moved_flows       ring buffer of flow_key: datapath writes, one user-space reader
+ *
+ * agent/datapath/maps.py (and agent/policy.py for the policy trie) mirror these
+ * layouts with struct formats and numpy dtypes; tests/datapath/test_struct_layout.py
+ * compares them with what the C compiler lays out. Change both together and bump
+ * EGRESS_TOP_LAYOUT with LAYOUT_VERSION (the pin directory name carries it, because
  * BPF_TABLE_PINNED reuses an existing pin without checking its layout).
  */
 #ifndef EGRESS_MAPS_H
 #define EGRESS_MAPS_H
 
-#define EGRESS_TOP_LAYOUT 1
+#define EGRESS_TOP_LAYOUT 5
 
 /* One flow out of one container interface. Ports are host byte order so user
  * space reads them without swapping; for ICMP/ICMPv6 src_port holds the type and
@@ -15,7 +34,8 @@
 struct flow_key {
 	__u32 ifindex;       /* host-side veth the packet entered: names the container */
 	__u8  family;        /* 4 or 6 */
-	__u8  proto;         /* IP protocol number (after IPv6 extension headers) */
+	__u8  proto;         /* IP protocol number (after IPv6 extension headers); for an
+	                      * unparsed packet the last next-header value read */
 	__u16 src_port;
 	__u16 dst_port;
 	__u16 pad;
@@ -23,35 +43,71 @@ struct flow_key {
 	__u8  dst_addr[16];
 };
 
+/* The aggregate flow of a veth past its flow share (see struct flow_share): family 0
+ * (no real flow has it) and proto 0xff, ports and addresses zero. Every packet of a
+ * flow the container could not create is counted here, so its bytes are never lost. */
+#define OVERFLOW_FAMILY 0
+#define OVERFLOW_PROTO 0xff
+
 /* Cumulative per-flow counters. bytes/packets count every packet the container
  * sent, including the ones we dropped, so a blocked flow still shows what the
  * container attempted; dropped_* count the ones we dropped. bytes are IP bytes
- * (IP header included, L2 header excluded), like conntrack accounting. */
+ * (IP header included, L2 header excluded), like conntrack accounting.
+ *
+ * The flows map is an LRU *per-CPU* hash: each CPU adds to its own copy without
+ * atomics (cheaper per packet and exact under contention); user space sums them:
+ * counters add up, first_seen_ns is the least non-zero one (only the CPU that
+ * created the entry sets it), last_seen_ns the greatest, rule_id/verdict come from
+ * the CPU that saw the last packet, epoch is the greatest. */
 struct flow_stats {
 	__u64 bytes;
 	__u64 packets;
-	__u64 first_seen_ns;  /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 first_seen_ns;  /* CLOCK_MONOTONIC_COARSE: CLOCK_MONOTONIC, a tick or two behind */
 	__u64 last_seen_ns;
 	__u64 dropped_bytes;
 	__u64 dropped_packets;
 	__u32 rule_id;        /* rule that decided the last packet, 0 if none matched */
 	__u32 verdict;        /* enum verdict of the last packet */
+	/* datapath_config.epoch when this CPU's copy last moved: the first packet of an
+	 * epoch writes the key to the moved_flows ring buffer. Per CPU, so a flow moving
+	 * on two CPUs in one epoch is announced twice (user space deduplicates). */
+	__u32 epoch;
+	__u32 pad;
 };
 
+/* What happened to a packet the container sent. Every verdict but FORWARDED is
+ * counted in dropped_* of its flow. */
 enum verdict {
 	VERDICT_FORWARDED = 0,
-	VERDICT_DROPPED = 1,
+	VERDICT_DROPPED = 1,           /* a block rule matched */
+	/* The container has rules but its transport header could not be reached
+	 * (extension chain longer than we follow, a first fragment without it, a
+	 * truncated or malformed header): judging it by a guess would let a container
+	 * walk around its own port rules, so it fails closed. Its flow has ports 0. */
+	VERDICT_DROPPED_UNPARSED = 2,
+	/* The veth has no endpoints entry yet and the agent asked to hold unknown veths
+	 * (CONFIG_F_HOLD_UNKNOWN): the container may have rules we cannot look up yet. */
+	VERDICT_HELD = 3,
 };
 
 /* What the agent tells the datapath about a veth. A veth with no entry is still
  * counted (we attach on the link event, before Docker reports the container),
- * but no policy applies to it yet. */
+ * but no policy applies to it yet, unless CONFIG_F_HOLD_UNKNOWN holds it closed. */
 struct endpoint_info {
 	__u32 slot;   /* stable per container *name*: survives restarts, unlike ifindex */
 	__u32 flags;  /* ENDPOINT_F_* */
 };
 
 #define ENDPOINT_F_POLICY 1  /* the container has rules: do the LPM lookups */
+
+/* Which of the three LPM lookups of policy_match can match for a slot: the kinds
+ * of rule it has. In the slot_rule_kinds map (slot -> RULE_KIND_* bits), written by
+ * Maps.sync_policy: widened before new trie entries are written, narrowed only
+ * after stale ones are deleted, so a lookup is skipped only when nothing could
+ * match it. A slot with no entry gets all three lookups (fail closed). */
+#define RULE_KIND_PORT 1   /* proto + port */
+#define RULE_KIND_PROTO 2  /* proto, any port */
+#define RULE_KIND_ANY 4    /* any proto, any port */
 
 /* Policy: one LPM trie for every container and both families. The slot,
  * protocol, family and port come first and are always matched in full
@@ -81,26 +137,100 @@ enum policy_action {
 	POLICY_DROP = 1,
 };
 
-/* Hits per rule, for egress-rules. */
+/* Hits per rule, for egress-rules: per-CPU (user space sums, last_hit_ns the max). */
 struct rule_stats {
 	__u64 packets;
 	__u64 bytes;
 	__u64 last_hit_ns;
 };
 
-/* Per-veth counters for what is not a flow. */
+/* Per-veth counters of the container's egress (packets entering the host from the
+ * veth) that flows do not show, or show only in part, and the veth's exact totals,
+ * whatever the flow table evicts. Per-CPU (user space sums). Bytes are IP bytes,
+ * except non_ip_bytes which are frame bytes. */
 struct ifindex_counters {
+	/* Totals: every IPv4/IPv6 packet the veth sent, counted before anything else can
+	 * fail, so they stay exact when the flow table is full (a noisy neighbour). First,
+	 * so that with struct veth_counters' head they share the cache line each packet writes. */
+	__u64 packets;
+	__u64 bytes;
 	__u64 non_ip_packets;   /* ARP, VLAN-tagged, anything not IPv4/IPv6: counted, never parsed */
 	__u64 non_ip_bytes;
-	__u64 dropped_packets;  /* dropped by policy */
+	__u64 dropped_packets;  /* dropped by a block rule */
 	__u64 dropped_bytes;
+	/* IPv4/IPv6 packets whose transport header the parser could not reach, on any
+	 * veth: passed where the container has no rules, dropped where it has. A packet
+	 * with a truncated IP header is counted only here (it has no addresses, so no flow). */
+	__u64 unparsed_packets;
+	__u64 unparsed_bytes;
+	__u64 unparsed_dropped_packets;  /* the part of unparsed_* dropped: VERDICT_DROPPED_UNPARSED */
+	__u64 unparsed_dropped_bytes;
+	__u64 held_packets;     /* IP packets dropped while the veth was unknown: VERDICT_HELD */
+	__u64 held_bytes;
+	/* The part of the totals counted in the veth's overflow flow (OVERFLOW_PROTO)
+	 * because the veth had used its flow share of the epoch. */
+	__u64 overflow_packets;
+	__u64 overflow_bytes;
 };
+
+/* Where a veth's counters live: the per-CPU array veth_counters, indexed by
+ * ifindex % VETH_COUNTER_SLOTS, holds the copy of the veth that claimed the slot on
+ * that CPU (an inlined array lookup, no hashing); a veth whose slot another veth holds
+ * uses the per-CPU hash ifindex_counters instead. A claim held by a veth with no
+ * endpoints entry (gone, or not tagged yet) is taken over by the next veth that needs
+ * the slot, after its counts are added to its hash entry, so nothing is lost. User
+ * space sums both maps per ifindex. */
+#define VETH_COUNTER_SLOTS 1024
+struct veth_counters {
+	__u32 ifindex;  /* the claimant on this CPU, 0 when free */
+	/* The claimant's endpoints entry and slot_rule_kinds, as read while
+	 * datapath_config.endpoints_generation was cached_generation (0: nothing cached). */
+	__u32 cached_generation;
+	__u32 cached_slot;
+	__u32 cached_flags;   /* its ENDPOINT_F_* | ENDPOINT_CACHED_KNOWN when it had an entry */
+	__u32 cached_rule_kinds;
+	__u32 pad;
+	struct ifindex_counters counters;
+};
+#define ENDPOINT_CACHED_KNOWN (1u << 31)
+
+/* How many flows a veth created in the current epoch (map flow_shares, shared, keyed
+ * by ifindex): past datapath_config.flow_share, new flows go to its overflow flow,
+ * so one container cannot push everyone else's flows out of the LRU table. Written
+ * only when a flow is created; the check and the increment are not one atomic step,
+ * so racing CPUs may overshoot the share by a few. */
+struct flow_share {
+	__u32 epoch;
+	__u32 created;
+};
+
+/* Settings user space gives the datapath: one element, index 0, in an array. */
+struct datapath_config {
+	__u32 flags;  /* CONFIG_F_* */
+	__u32 epoch;  /* bumped by the agent at each read: see flow_stats.epoch */
+	__u32 flow_share;  /* flows one veth may create per epoch; 0: FLOW_TABLE_SIZE / 8 */
+	/* A new value (never 0) after every write to endpoints or slot_rule_kinds: the
+	 * copies cached in veth_counters from an older one are read again. */
+	__u32 endpoints_generation;
+};
+
+/* Drop IP packets from veths that have no endpoints entry, until the agent has told
+ * us whose they are (fail closed from a container's first packet). Non-IP frames
+ * (ARP) still pass, so neighbour resolution is not delayed by a retransmit timer. */
+#define CONFIG_F_HOLD_UNKNOWN 1
 
 /* Global counters, index into the datapath_stats per-CPU array. */
 enum datapath_stat {
 	STAT_FLOWS_CREATED = 0,   /* minus live flows = flows the LRU evicted */
 	STAT_FLOW_UPDATE_FAILED = 1,
-	STAT_MAX = 2,
+	STAT_MOVED_LOST = 2,      /* moved_flows ring buffer full: user space must read everything */
+	STAT_MAX = 3,
 };
+
+/* moved_flows: a BPF ring buffer of struct flow_key records, one each time a flow's
+ * per-CPU copy first moves in an epoch (not before the first bump: epoch 0 is
+ * silent). The agent bumps the epoch, reads the keys and looks up just those flows;
+ * STAT_MOVED_LOST growing means some were lost and a full read is due. */
+#define MOVED_FLOWS_BYTES (1 << 22)
 
 #endif

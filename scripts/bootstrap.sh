@@ -11,7 +11,9 @@ die() { echo "setup: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "must run as root: sudo make setup"
 
 PACKAGES=(docker.io python3-bpfcc libbpfcc linux-headers-amd64 iproute2 busybox-static iperf3
-          iptables nftables tmux python3-venv python3-pip procps kmod util-linux)
+          iptables nftables tmux python3-venv python3-pip procps kmod util-linux docker-compose gcc libc6-dev
+          prometheus  # promtool and the server binary the metrics tests start themselves
+          logrotate mmdebstrap)  # deploy tests: rotation of the --export file; the image's base
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -212,6 +212,7 @@ class Sink:
     """A UDP or TCP server in the upstream netns that counts what it receives."""
 
     def __init__(self, netns: str, proto: str, port: int, address: str, lifetime: float):
+        self.port = port
         self._dir = tempfile.TemporaryDirectory(prefix="ett-sink-")
         self.path = Path(self._dir.name) / "counts"
         self.proc = subprocess.Popen(
@@ -433,9 +434,13 @@ class Lab:
         return out == "connected"
 
 
-def veths_with_clsact() -> list[str]:
-    """Veths that carry a clsact qdisc: after a test of ours, none should (we add it only to veths)."""
-    qdiscs = sh("tc", "qdisc", "show").stdout.splitlines()
-    return [
-        line.split(" dev ")[1].split()[0] for line in qdiscs if " clsact " in line and " dev veth" in line
-    ]
+def network_of_driver(lab: Lab, driver: str, parent: str, subnet: str) -> Network:
+    """A macvlan/ipvlan network on `parent` (a link of the test's), removed with the lab."""
+    network = lab.client.networks.create(
+        f"{PREFIX}-{RUN}-{driver}",
+        driver=driver,
+        options={"parent": parent},
+        ipam=docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=subnet)]),
+    )
+    lab._networks.append(network)
+    return network

@@ -9,17 +9,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+from lab import wait_until
 
-from agent.datapath import our_filters
+from agent.datapath import PIN_DIR, our_filters
+from agent.export import SCHEMA_RESOURCES
 
 BIN = Path(sys.executable).parent
-SCHEMA = json.loads((files("agent.schema") / "flow-record.v1.json").read_text())
-VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+VALIDATORS = {
+    record_type: jsonschema.Draft202012Validator(json.loads((files("agent.schema") / resource).read_text()))
+    for record_type, resource in SCHEMA_RESOURCES.items()
+}
 
 
 def veth_ifindexes(pid: int) -> set[int]:
@@ -30,8 +35,15 @@ def veth_ifindexes(pid: int) -> set[int]:
 
 
 def validate(record: dict[str, Any]) -> dict[str, Any]:
-    VALIDATOR.validate(record)
+    """Checked against the schema of its type (flow, container or interval)."""
+    VALIDATORS[record.get("type", "flow")].validate(record)
     return record
+
+
+def parse_records(text: str, record_type: str = "flow") -> list[dict[str, Any]]:
+    """The NDJSON lines of one record type, each line of every type schema-checked."""
+    parsed = [validate(json.loads(line)) for line in text.splitlines()]
+    return [record for record in parsed if record["type"] == record_type]
 
 
 def run_cli(
@@ -54,8 +66,9 @@ class EgressTop:
             stderr=subprocess.PIPE,
             text=True,
         )
-        self.records: list[dict[str, Any]] = []
-        self.arrival: list[float] = []  # time.time() each record was read
+        self.records: list[dict[str, Any]] = []  # flow records
+        self.arrival: list[float] = []  # time.time() each flow record was read
+        self.others: list[dict[str, Any]] = []  # container and interval records
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.stderr = ""
@@ -64,18 +77,20 @@ class EgressTop:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.records.append(validate(json.loads(line)))
+            record = validate(json.loads(line))
+            if record["type"] != "flow":
+                self.others.append(record)
+                continue
+            self.records.append(record)
             self.arrival.append(time.time())
 
     def wait_attached(self, ifindexes: set[int], timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def attached() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"egress-top exited early: {self.proc.stderr.read()}")  # type: ignore[union-attr]
-            if ifindexes <= set(our_filters()):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"egress-top did not attach to {ifindexes} within {timeout}s")
+            return ifindexes <= set(our_filters())
+
+        wait_until(attached, timeout)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:
@@ -101,13 +116,92 @@ class EgressTop:
         return latest
 
     def wait_for(self, predicate, timeout: float = 10.0) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while time.monotonic() < deadline:
-            new = self.records[seen:]
-            seen += len(new)
-            for record in new:
-                if predicate(record):
-                    return record
-            time.sleep(0.05)
-        raise AssertionError(f"no matching record within {timeout}s")
+        """The first record, as they arrive, that satisfies predicate."""
+        return wait_until(lambda: next((r for r in list(self.records) if predicate(r)), None), timeout)
+
+
+class Agent:
+    """egress-agent run in the background; its stderr is collected line by line as it arrives."""
+
+    READY_PREFIX = "egress-agent: ready: "
+
+    def __init__(self, *args: str, prefix: tuple[str, ...] = ()):
+        self.proc = subprocess.Popen(
+            [*prefix, str(BIN / "egress-agent"), "run", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.stderr_lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line.rstrip("\n"))
+
+    def wait_ready(self, timeout: float = 30.0) -> str:
+        """The ready line, once the agent printed it (it is watching from then on)."""
+
+        def ready_line() -> str | None:
+            if self.proc.poll() is not None:
+                self._reader.join(timeout=5)
+                raise AssertionError(f"egress-agent exited early: {self.stderr_lines}")
+            return next((line for line in self.stderr_lines if line.startswith(self.READY_PREFIX)), None)
+
+        return wait_until(ready_line, timeout)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, as a service manager stops it; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"egress-agent did not exit within {timeout}s of SIGTERM") from None
+        self._reader.join(timeout=5)
+        return self.proc.returncode
+
+
+# --- what a test leaves in the kernel --------------------------------------------------
+
+
+def clsact_veths() -> set[str]:
+    """Host veths carrying a clsact qdisc, as `tc qdisc show` lists them."""
+    out = subprocess.run(
+        ["tc", "-j", "qdisc", "show"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    return {
+        q["dev"] for q in json.loads(out or "[]") if q["kind"] == "clsact" and q["dev"].startswith("veth")
+    }
+
+
+def leftovers(clsact_before: set[str]) -> list[str]:
+    """Ours still in the kernel: tc filters, pins, and clsact qdiscs that were not there before."""
+    left = [f"our filter on {name}" for name in our_filters().values()]
+    if PIN_DIR.parent.exists():
+        left.append(f"pins under {PIN_DIR.parent}")
+    left += [f"a clsact qdisc on {dev}" for dev in sorted(clsact_veths() - clsact_before)]
+    return left
+
+
+def remove_leftovers(clsact_before: set[str]) -> None:
+    """egress-agent cleanup, then any clsact qdisc it did not take with it."""
+    cleanup = run_cli("egress-agent", "cleanup")
+    assert cleanup.returncode == 0, cleanup.stderr
+    for dev in clsact_veths() - clsact_before:
+        subprocess.run(["tc", "qdisc", "del", "dev", dev, "clsact"], capture_output=True, timeout=30)
+
+
+def nothing_left_behind(tmp_path: Path, monkeypatch: Any) -> Iterator[Path]:
+    """Body of a test's autouse fixture: a private rule store; afterwards, checked before any
+    cleanup, nothing of ours is left in the kernel (the test that leaked fails), then cleanup."""
+    monkeypatch.setenv("EGRESS_TOP_STATE_DIR", str(tmp_path / "state"))
+    clsact_before = clsact_veths()
+    yield tmp_path / "state"
+    left = leftovers(clsact_before)
+    remove_leftovers(clsact_before)
+    assert not left, f"the test left behind: {', '.join(left)}"

@@ -53,7 +53,9 @@ def table(*flows: tuple[int, str, str, int, int, int, int, int]) -> tuple[np.nda
             source.packed.ljust(16, b"\0"),
             destination.packed.ljust(16, b"\0"),
         )
-        stats[row] = (nbytes, packets, 1_000_000_000, 2_000_000_000, 0, 0, 0, 0)
+        counters = {"bytes": nbytes, "packets": packets, "first_seen_ns": 10**9, "last_seen_ns": 2 * 10**9}
+        for name, value in counters.items():  # by name: the struct grows fields
+            stats[name][row] = value
     return keys, stats
 
 
@@ -162,7 +164,8 @@ def test_ndjson_filter_by_container() -> None:
     snapshot = aggregator.update(read([(*WEB_TO_OUT, 300, 3), (*DB_TO_HOST, 84, 1)], 10**9), INVENTORY)
     out = io.StringIO()
     assert write_ndjson(snapshot, out, {DB.id}) == 1
-    assert json.loads(out.getvalue())["container_name"] == "db"
+    flow_line = out.getvalue().splitlines()[0]  # then the container and interval records
+    assert json.loads(flow_line)["container_name"] == "db"
 
 
 def test_update_of_100k_flows_fits_the_budget() -> None:
@@ -210,3 +213,41 @@ def test_only_flows_seen_since_the_previous_read_started_are_diffed() -> None:
     stats["last_seen_ns"][0] = 95  # counted during the previous read, after it started
     snapshot = aggregator.update(TableRead(keys, stats, 200, 1024, 2, read_started_ns=190), INVENTORY)
     assert [(f.key.dst, f.bytes_delta) for f in snapshot.flows] == [("198.51.100.1", 60)]
+
+
+def test_a_churning_table_loses_no_interval_when_evicted_keys_are_forgotten() -> None:
+    """Thousands of new flows every interval (the old ones evicted): the aggregator forgets
+    evicted keys once they outnumber the table, and every interval's deltas stay exact."""
+    per_interval, intervals = 3000, 6  # 18,000 keys seen: past the 8,192 the aggregator keeps
+    steady_keys, steady_stats = table((*WEB_TO_DB, 0, 0))
+    aggregator = FlowAggregator()
+    aggregator.update(TableRead(steady_keys, steady_stats.copy(), 10**9, 4096, 1), INVENTORY)
+    for number in range(1, intervals + 1):
+        at_ns = (number + 1) * 10**9
+        keys = np.zeros(per_interval, FLOW_KEY_DTYPE)
+        stats = np.zeros(per_interval, FLOW_STATS_DTYPE)
+        keys["ifindex"], keys["family"], keys["proto"] = 10, 4, 17
+        keys["src_port"] = number * per_interval + np.arange(per_interval)  # all new this interval
+        keys["dst_port"] = 53
+        stats["bytes"], stats["packets"], stats["last_seen_ns"] = 100, 1, at_ns
+        steady_stats["bytes"] += 1000
+        steady_stats["packets"] += 10
+        steady_stats["last_seen_ns"] = at_ns
+        snapshot = aggregator.update(
+            TableRead(
+                np.concatenate([steady_keys, keys]),
+                np.concatenate([steady_stats, stats]),
+                at_ns,
+                4096,
+                1 + number * per_interval,
+            ),
+            INVENTORY,
+        )
+        web = next(s for s in snapshot.stats if s.container is WEB)
+        assert (web.bytes_delta, web.packets_delta, web.active_flows) == (
+            1000 + 100 * per_interval,
+            10 + per_interval,
+            1 + per_interval,
+        ), f"interval {number}"
+        assert len(snapshot.flows) == 1 + per_interval
+        assert (snapshot.flows[0].key.dst, snapshot.flows[0].bytes_delta) == ("172.20.0.3", 1000)

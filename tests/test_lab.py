@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from lab import SAFETY_PREFIXES, UPSTREAM_V4, UPSTREAM_V4_OTHER, UPSTREAM_V6, Lab, sh, wait_until
+import subprocess
+
+from lab import PYTHON, SAFETY_PREFIXES, UPSTREAM_V4, UPSTREAM_V4_OTHER, UPSTREAM_V6, Lab, sh, wait_until
 
 
 def test_safety_routes_are_in_place(upstream) -> None:
@@ -22,9 +24,47 @@ def test_safety_routes_are_in_place(upstream) -> None:
 def test_udp_sink_counts_exactly(lab: Lab, upstream) -> None:
     sink = upstream.udp_sink(4001)
     container = lab.container("lab", network=lab.network())
-    src_port = lab.send_udp(container, UPSTREAM_V4, 4001, count=12, size=33)
-    assert src_port > 0
+    lab.send_udp(container, UPSTREAM_V4, 4001, count=12, size=33)
     assert sink.wait_for(12, timeout=5) == (12, 12 * 33)
+
+
+_RECEIVE_ONE = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+_, (address, port) = s.recvfrom(65535)
+print(address, port)
+"""
+
+
+def test_udp_sender_reports_the_port_it_sent_from(lab: Lab) -> None:
+    """Tests key flows by the source port send_udp returns: it is the one on the wire
+    (container to container, so no NAT is in between)."""
+    net = lab.network()
+    sender, receiving = lab.container("lab", network=net), lab.container("labrecv", network=net)
+    receiver = subprocess.Popen(
+        [
+            "nsenter",
+            f"--net=/proc/{lab.pid(receiving)}/ns/net",
+            PYTHON,
+            "-c",
+            _RECEIVE_ONE,
+            lab.ip(receiving),
+            "4005",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert receiver.stdout is not None and receiver.stdout.readline() == "ready\n"
+        src_port = lab.send_udp(sender, lab.ip(receiving), 4005, count=1, size=5)  # an ephemeral port
+        out, _ = receiver.communicate(timeout=10)
+    finally:
+        receiver.kill()
+        receiver.wait()
+    assert out.split() == [lab.ip(sender), str(src_port)]
 
 
 def test_tcp_sink_and_connect(lab: Lab, upstream) -> None:

@@ -183,7 +183,11 @@ def test_render_large_snapshot_is_fast() -> None:
     started = time.perf_counter()
     lines = screen(snapshot, state, width=200)
     elapsed = time.perf_counter() - started
-    assert len(lines) > 200
+    # header 2 + column titles 1 + 200 rows, then title + column titles + 5 flows for the
+    # selected container (the busiest, service-199) and each of the 10 expanded ones
+    titles = [line for line in lines if line.endswith(": top 5 of 250 active flows")]
+    assert titles == [f"service-{n}: top 5 of 250 active flows" for n in (199, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)]
+    assert len(lines) == 2 + 1 + 200 + 11 * (2 + 5)
     assert elapsed < 0.3, f"rendering 200 containers / 50,000 flows took {elapsed:.3f}s"
 
 
@@ -235,3 +239,48 @@ def test_run_live_in_a_real_pty_quits_on_q_and_restores_the_terminal() -> None:
     finally:
         proc.kill()
         os.close(parent)
+
+
+FAILING_SCRIPT = """
+import itertools, sys
+sys.path.insert(0, sys.argv[1])
+from snapshots import SNAPSHOT
+from agent.tui import HostInfo, ViewState, run_live
+polls = itertools.count(1)
+def poll():
+    if next(polls) == 3:
+        raise RuntimeError("the flow table went away")
+    return SNAPSHOT
+run_live(poll, 0.2, None, ViewState(), color=True, host=HostInfo("box", "6.18.0"))
+"""
+
+
+def test_run_live_restores_the_terminal_when_an_error_ends_it() -> None:
+    """An exception out of a refresh: the terminal is back as it was (cbreak undone, main
+    screen, cursor shown) before the error is printed."""
+    parent, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
+    settings = termios.tcgetattr(child)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FAILING_SCRIPT, os.path.dirname(__file__)],
+        stdin=child,
+        stdout=child,
+        stderr=child,
+        env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
+    )
+    output = b""
+    try:
+        deadline = time.monotonic() + 10
+        while b"RuntimeError" not in output and time.monotonic() < deadline:
+            if select.select([parent], [], [], 0.1)[0]:
+                output += os.read(parent, 65536)
+        assert proc.wait(timeout=5) == 1
+        assert termios.tcgetattr(child) == settings
+    finally:
+        proc.kill()
+        os.close(parent)
+        os.close(child)
+    shown = output.rindex(b"\x1b[?1049h")  # the alternate screen was entered ...
+    left = output.index(b"\x1b[?1049l", shown)  # ... and left, with the cursor shown again
+    assert b"\x1b[?25h" in output[shown:]
+    assert output.index(b"RuntimeError: the flow table went away") > left

@@ -1,0 +1,70 @@
+"""The running agent's health, published as a small root-only file for `egress-agent status`.
+
+A file and not a socket: the agent rewrites it once per interval (atomically, 0600 in
+the 0700 runtime directory), and a reader needs no live agent to learn that there is
+none: an absent file, a dead pid or a stale time all say so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from agent.datapath import RUN_DIR
+from agent.datapath.lifecycle import process_start_time
+from agent.lockfile import open_private, private_dir
+
+STATUS_NAME = "agent-status.json"
+STALE_AFTER_SECONDS = 15.0  # several missed intervals: the agent is stuck
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    pid: int
+    pid_start_time: int  # tells a reused pid from the agent
+    started_at: float  # wall clock
+    updated_at: float
+    attached_veths: int
+    rules: int
+    rules_enforced: int  # rules whose container is running and enforced on every veth
+    containers_enforced: list[str] = field(default_factory=list)
+    not_enforced: dict[str, str] = field(default_factory=dict)  # container -> why
+    refresh_retries: int = 0
+    refresh_failures: int = 0
+    last_failure: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return not self.not_enforced and time.time() - self.updated_at < STALE_AFTER_SECONDS
+
+
+def status_path() -> Path:
+    return RUN_DIR / STATUS_NAME
+
+
+def publish(status: AgentStatus) -> None:
+    path = status_path()
+    private_dir(path.parent)
+    scratch = path.with_name(f".{STATUS_NAME}.{os.getpid()}")
+    fd = open_private(scratch, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w") as out:
+        json.dump(asdict(status), out)
+    os.replace(scratch, path)
+
+
+def withdraw() -> None:
+    status_path().unlink(missing_ok=True)
+
+
+def read_live() -> AgentStatus | None:
+    """The status of a running agent, or None when none runs (a crashed one's file is ignored)."""
+    try:
+        status = AgentStatus(**json.loads(status_path().read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    if process_start_time(status.pid) != status.pid_start_time:
+        return None
+    return status

@@ -1,0 +1,66 @@
+"""Datapath layer: the only code that talks to BPF and tc.
+
+Rooms, one job each: syscalls (raw bpf(2)), maps (pinned maps), attach (tc clsact),
+program (which build is pinned; loading it in a child), loader (BCC compile/load/pin,
+imported only by that short-lived child), lifecycle (runtime dir, holders, locks,
+cleanup), system (capabilities, bpffs), headers (kernel headers for the loader).
+
+This package imports neither the loader nor BCC: nothing of LLVM stays resident.
+"""
+
+from agent.datapath.attach import PROGRAM_NAME, detach, our_filters
+from agent.datapath.lifecycle import (
+    RUN_DIR,
+    cleanup_everything,
+    exclusive,
+    live_holders,
+    open_datapath,
+    release_if_unheld,
+    remove_pins,
+)
+from agent.datapath.maps import (
+    DEFAULT_FLOW_TABLE_SIZE,
+    FLOW_KEY_DTYPE,
+    FLOW_STATS_DTYPE,
+    PIN_DIR,
+    POLICY_TABLE_SIZE,
+    EndpointTotals,
+    FlowTableRead,
+    IfindexCounters,
+    Maps,
+    PinnedMap,
+    RuleHits,
+    open_pinned_maps,
+    pins_exist,
+)
+from agent.datapath.program import Datapath
+from agent.datapath.system import check_privileges, ensure_bpffs
+
+__all__ = [
+    "DEFAULT_FLOW_TABLE_SIZE",
+    "FLOW_KEY_DTYPE",
+    "FLOW_STATS_DTYPE",
+    "PIN_DIR",
+    "POLICY_TABLE_SIZE",
+    "PROGRAM_NAME",
+    "RUN_DIR",
+    "Datapath",
+    "EndpointTotals",
+    "FlowTableRead",
+    "IfindexCounters",
+    "Maps",
+    "PinnedMap",
+    "RuleHits",
+    "check_privileges",
+    "cleanup_everything",
+    "detach",
+    "ensure_bpffs",
+    "exclusive",
+    "live_holders",
+    "open_datapath",
+    "open_pinned_maps",
+    "our_filters",
+    "pins_exist",
+    "release_if_unheld",
+    "remove_pins",
+]

@@ -1,0 +1,106 @@
+"""tc clsact attach and detach by netlink (pyroute2): needs no loaded program but an fd.
+
+Container egress is the host-side veth's tc ingress hook. Inspection and removal
+need nothing loaded, so cleanup works always.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from typing import Any
+
+PROGRAM_NAME = "egress_top_ingress"
+# tc filter identity on the clsact ingress hook; "replace" at this prio/handle is atomic.
+TC_INGRESS_PARENT = 0xFFFFFFF2
+TC_EGRESS_PARENT = 0xFFFFFFF3
+TC_FILTER_PRIO = 0xE7
+TC_FILTER_HANDLE = 0xE7
+_GONE = (errno.ENODEV, errno.ENOENT, errno.EINVAL)  # the veth vanished: already clean
+
+
+def attach(ifindex: int, program_fd: int) -> None:
+    """Put the program on the veth's ingress hook (the container's egress)."""
+    from agent.netlink import IPRoute, NetlinkError
+
+    with IPRoute() as ipr:
+        try:
+            ipr.tc("add", "clsact", ifindex)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+        ipr.tc(
+            "replace-filter",
+            "bpf",
+            ifindex,
+            TC_FILTER_HANDLE,
+            fd=program_fd,
+            name=PROGRAM_NAME,
+            parent=TC_INGRESS_PARENT,
+            prio=TC_FILTER_PRIO,
+            classid=1,
+            direct_action=True,
+        )
+
+
+def our_filters() -> dict[int, str]:
+    """ifindex -> link name for every link carrying our filter on its ingress hook."""
+    from agent.netlink import IPRoute
+
+    found: dict[int, str] = {}
+    with IPRoute() as ipr:
+        for link in _links(ipr):
+            index = link["index"]
+            with contextlib.suppress(Exception):
+                for flt in ipr.get_filters(index=index, parent=TC_INGRESS_PARENT):
+                    if _is_our_filter(flt):
+                        found[index] = link.get_attr("IFLA_IFNAME")
+    return found
+
+
+def _links(ipr: Any, attempts: int = 5) -> list[Any]:
+    """A host link dump; links coming and going meanwhile ("dump interrupted") make it
+    try again at once, so cleanup never gives up half-way under container churn."""
+    from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
+
+    for _ in range(attempts - 1):
+        try:
+            return list(ipr.get_links())
+        except NetlinkDumpInterrupted:
+            continue
+    return list(ipr.get_links())
+
+
+def _is_our_filter(flt: Any) -> bool:
+    options = flt.get_attr("TCA_OPTIONS")
+    if options is None:
+        return False
+    name = options.get_attr("TCA_BPF_NAME") or ""
+    return name.startswith(PROGRAM_NAME)
+
+
+def detach(ifindex: int) -> None:
+    """Remove our filter; remove clsact too when nothing else uses it. A veth that
+    vanished (container stopped) is already clean, so ENODEV is fine."""
+    from agent.netlink import IPRoute, NetlinkError
+
+    with IPRoute() as ipr:
+        try:
+            ipr.tc(
+                "del-filter", "bpf", ifindex, TC_FILTER_HANDLE, parent=TC_INGRESS_PARENT, prio=TC_FILTER_PRIO
+            )
+        except NetlinkError as exc:
+            if exc.code not in _GONE:
+                raise
+        try:
+            others = [
+                f
+                for parent in (TC_INGRESS_PARENT, TC_EGRESS_PARENT)
+                for f in ipr.get_filters(index=ifindex, parent=parent)
+                if f.get_attr("TCA_KIND")
+            ]
+            if not others:
+                ipr.tc("del", "clsact", ifindex)
+        except NetlinkError as exc:
+            if exc.code not in _GONE:
+                raise

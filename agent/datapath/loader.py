@@ -1,0 +1,105 @@
+"""Compile bpf/egress.c with BCC, load it, pin the program beside its maps, exit.
+
+Run as a short-lived child (`python -m agent.datapath.loader`, see program.run_loader):
+BCC and LLVM cost ~165 MB resident after a compile, and none of it may stay in a
+long-running agent. Pinned, the program and maps outlive this process; the caller
+opens the program's pin and attaches it by fd. The caller holds the datapath lock.
+
+A UserError is reported as one JSON line on stdout (message, exit code, detail), so
+the caller can raise it as its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from agent.datapath.attach import PROGRAM_NAME
+from agent.datapath.headers import ensure_kernel_headers
+from agent.datapath.maps import MAP_PINS, POLICY_TABLE_SIZE
+from agent.datapath.program import PROGRAM_PIN_PREFIX, bpf_source_dir, program_pin
+from agent.datapath.syscalls import obj_pin
+from agent.errors import EXIT_KERNEL, UserError
+
+log = logging.getLogger(__name__)
+
+
+def load_and_pin(flow_table_size: int, pin_dir: Path) -> Path:
+    ensure_kernel_headers()
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    from bcc import BPF  # imported late: costs ~70 MB and needs root
+
+    source = bpf_source_dir() / "egress.c"
+    cflags = [
+        f"-I{source.parent}",
+        f"-DFLOW_TABLE_SIZE={flow_table_size}",
+        f"-DPOLICY_TABLE_SIZE={POLICY_TABLE_SIZE}",
+        *(f'-D{macro}="{pin_dir / name}"' for name, macro in MAP_PINS.items()),
+    ]
+    with tempfile.TemporaryDirectory(prefix="egress-top-") as tmp:
+        log_path = Path(tmp) / "bcc.log"
+        try:
+            with _stderr_to(log_path):
+                bpf = BPF(src_file=str(source).encode(), cflags=cflags)
+                program = bpf.load_func(PROGRAM_NAME.encode(), BPF.SCHED_CLS)
+        except Exception as exc:
+            lines = log_path.read_text(errors="replace").strip().splitlines()
+            reason = next((line for line in lines if "error" in line.lower()), str(exc))
+            raise UserError(
+                f"the kernel refused the BPF program ({reason.strip()}): run with --verbose for the full log",
+                EXIT_KERNEL,
+                detail="\n".join(lines[-40:]),
+            ) from None
+    pin = program_pin(flow_table_size, pin_dir)
+    _replace_program_pins(program.fd, pin)
+    return pin
+
+
+def _replace_program_pins(program_fd: int, pin: Path) -> None:
+    """Pin this build; unpin older builds (filters still using one keep it alive)."""
+    pin.unlink(missing_ok=True)
+    obj_pin(program_fd, pin)
+    for old in pin.parent.glob(f"{PROGRAM_PIN_PREFIX}*"):
+        if old != pin:
+            old.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """BCC and the verifier write to fd 2 from C: catch it for a one-line error."""
+    saved = os.dup(2)
+    with open(path, "w") as sink:
+        os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent.datapath.loader", description=__doc__)
+    parser.add_argument("--flow-table-size", type=int, required=True)
+    parser.add_argument("--pin-dir", type=Path, required=True)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s", stream=sys.stderr
+    )
+    try:
+        load_and_pin(args.flow_table_size, args.pin_dir)
+    except UserError as exc:
+        print(json.dumps({"message": str(exc), "exit_code": exc.exit_code, "detail": exc.detail}))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,460 @@
+"""The pinned maps, read and written by raw bpf syscalls: no BCC, no compile, any process.
+
+Every layout here mirrors a struct in bpf/egress_maps.h.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agent.datapath.percpu import merge_flow_copies, possible_cpus, sum_u64_copies
+from agent.datapath.pinned import PinnedMap
+from agent.datapath.ringbuf import RingBuffer
+from agent.datapath.syscalls import BPF_MAP_LOOKUP_ELEM, MapElemAttr, sys_bpf
+
+log = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 5  # EGRESS_TOP_LAYOUT in bpf/egress_maps.h
+BPFFS = Path("/sys/fs/bpf")
+# The datapath stamps flows with CLOCK_MONOTONIC_COARSE (clock id 6 on Linux, not in Python's
+# time module), read once per jiffy: behind CLOCK_MONOTONIC by up to the last timekeeping
+# update (measured here up to 7.4 ms, under two ticks of 4 ms) plus a tick. A read that
+# started at t may miss a packet stamped a little before t, so its started_ns is put four
+# ticks earlier.
+CLOCK_MONOTONIC_COARSE = 6
+COARSE_CLOCK_SLACK_NS = 4 * round(time.clock_getres(CLOCK_MONOTONIC_COARSE) * 1e9)
+PIN_DIR = BPFFS / "egress-top" / f"v{LAYOUT_VERSION}"
+DEFAULT_FLOW_TABLE_SIZE = 65536
+POLICY_TABLE_SIZE = 131072
+ENDPOINT_F_POLICY = 1
+RULE_KIND_PORT, RULE_KIND_PROTO, RULE_KIND_ANY = 1, 2, 4  # slot_rule_kinds bits
+OVERFLOW_FAMILY, OVERFLOW_PROTO = 0, 0xFF  # the flow key of a veth's overflow flow
+MAP_PINS = {
+    "flows": "PIN_FLOWS",
+    "endpoints": "PIN_ENDPOINTS",
+    "policy_lpm": "PIN_POLICY",
+    "rule_stats": "PIN_RULE_STATS",
+    "ifindex_counters": "PIN_IFINDEX_COUNTERS",
+    "datapath_stats": "PIN_DATAPATH_STATS",
+    "datapath_config": "PIN_DATAPATH_CONFIG",
+    "slot_rule_kinds": "PIN_SLOT_RULE_KINDS",
+    "veth_counters": "PIN_VETH_COUNTERS",
+    "flow_shares": "PIN_FLOW_SHARES",
+    "moved_flows": "PIN_MOVED_FLOWS",
+}
+STAT_FLOWS_CREATED = 0
+STAT_MOVED_LOST = 2
+MOVED_FLOWS_BYTES = 1 << 22  # the moved_flows ring buffer's data bytes
+
+# Mirrors of struct flow_key / struct flow_stats (bpf/egress_maps.h).
+FLOW_KEY_DTYPE = np.dtype(
+    [
+        ("ifindex", "<u4"),
+        ("family", "u1"),
+        ("proto", "u1"),
+        ("src_port", "<u2"),
+        ("dst_port", "<u2"),
+        ("pad", "<u2"),
+        ("src_addr", "V16"),
+        ("dst_addr", "V16"),
+    ]
+)
+FLOW_STATS_DTYPE = np.dtype(
+    [
+        ("bytes", "<u8"),
+        ("packets", "<u8"),
+        ("first_seen_ns", "<u8"),
+        ("last_seen_ns", "<u8"),
+        ("dropped_bytes", "<u8"),
+        ("dropped_packets", "<u8"),
+        ("rule_id", "<u4"),
+        ("verdict", "<u4"),
+        ("epoch", "<u4"),
+        ("pad", "<u4"),
+    ]
+)
+
+_ENDPOINT = struct.Struct("=II")  # struct endpoint_info
+_IFINDEX = struct.Struct("=I")
+# struct ifindex_counters: packets and bytes, IfindexCounters' fields, the overflow_* totals
+_IFINDEX_COUNTERS = struct.Struct("=14Q")
+_COUNTERS_AFTER_TOTALS = slice(2, 12)
+VETH_COUNTER_SLOTS = 1024
+# struct veth_counters: a claimant ifindex, then a struct ifindex_counters
+VETH_COUNTERS_DTYPE = np.dtype(
+    [
+        ("ifindex", "<u4"),
+        ("cached_generation", "<u4"),
+        ("cached_slot", "<u4"),
+        ("cached_flags", "<u4"),
+        ("cached_rule_kinds", "<u4"),
+        ("pad", "<u4"),
+        ("counters", "<u8", (_IFINDEX_COUNTERS.size // 8,)),
+    ]
+)
+_POLICY_KEY_HEAD = struct.Struct("=IIBBH")  # struct policy_lpm_key up to its address
+CONFIG_F_HOLD_UNKNOWN = 1
+_RULE_STATS = struct.Struct("=3Q")  # struct rule_stats
+
+
+class DatapathConfig(ctypes.Structure):
+    """struct datapath_config, laid over the mmap of its array: each field is written
+    with one aligned 4-byte store, never as a whole value, so writers of different
+    fields (the agent's epoch, a sync's flags) cannot undo each other."""
+
+    _fields_ = [
+        ("flags", ctypes.c_uint32),
+        ("epoch", ctypes.c_uint32),
+        ("flow_share", ctypes.c_uint32),
+        ("endpoints_generation", ctypes.c_uint32),
+    ]
+
+
+@dataclass(frozen=True)
+class FlowTableRead:
+    """One read of the flow map: parallel arrays, plus when it was taken."""
+
+    keys: np.ndarray  # FLOW_KEY_DTYPE
+    stats: np.ndarray  # FLOW_STATS_DTYPE
+    monotonic_ns: int  # when the read ended
+    started_ns: int  # when it began, less COARSE_CLOCK_SLACK_NS: a flow counted since may or may not be in it
+
+
+@dataclass(frozen=True)
+class IfindexCounters:
+    """struct ifindex_counters: one veth's packets that flows show only in part."""
+
+    non_ip_packets: int
+    non_ip_bytes: int
+    dropped_packets: int  # by a block rule
+    dropped_bytes: int
+    unparsed_packets: int  # transport header out of reach, passed or dropped
+    unparsed_bytes: int
+    unparsed_dropped_packets: int  # of those, dropped: the container has rules
+    unparsed_dropped_bytes: int
+    held_packets: int  # dropped while the veth had no endpoint entry (hold unknown veths)
+    held_bytes: int
+
+
+@dataclass(frozen=True)
+class EndpointTotals:
+    """One veth's exact egress totals (struct ifindex_counters), whatever the flow table
+    evicted: every IPv4/IPv6 packet, in IP bytes, summed over CPUs."""
+
+    packets: int
+    bytes: int
+    dropped_packets: int  # by a rule, unparsed with rules, or held
+    dropped_bytes: int
+    overflow_packets: int  # counted in the veth's overflow flow: past its flow share
+    overflow_bytes: int
+
+
+@dataclass(frozen=True)
+class RuleHits:
+    packets: int
+    bytes: int
+    last_hit_ns: int
+
+
+def pins_exist(pin_dir: Path = PIN_DIR) -> bool:
+    return all((pin_dir / name).exists() for name in MAP_PINS)
+
+
+def pinned_flow_table_size(pin_dir: Path = PIN_DIR) -> int | None:
+    """Entries of the pinned flow table, or None when none is pinned."""
+    if not (pin_dir / "flows").exists():
+        return None
+    flows = PinnedMap(pin_dir / "flows")
+    try:
+        return flows.max_entries
+    finally:
+        flows.close()
+
+
+class Maps:
+    """Every pinned map of ours, read and written as bytes laid out as in bpf/egress_maps.h."""
+
+    def __init__(self, pin_dir: Path = PIN_DIR):
+        self.pin_dir = pin_dir
+        self.flows = PinnedMap(pin_dir / "flows")
+        self.endpoints = PinnedMap(pin_dir / "endpoints")
+        self.policy = PinnedMap(pin_dir / "policy_lpm")
+        self.slot_rule_kinds = PinnedMap(pin_dir / "slot_rule_kinds")
+        self.rule_stats = PinnedMap(pin_dir / "rule_stats")
+        self.ifindex_counters = PinnedMap(pin_dir / "ifindex_counters")
+        self.veth_counters = PinnedMap(pin_dir / "veth_counters")
+        self.flow_shares = PinnedMap(pin_dir / "flow_shares")
+        self.datapath_stats = PinnedMap(pin_dir / "datapath_stats")
+        self.datapath_config = PinnedMap(pin_dir / "datapath_config")
+        self.moved_flows = PinnedMap(pin_dir / "moved_flows")
+        self.flow_table_size = self.flows.max_entries
+        self._batch_supported = True
+        self._config_memory = mmap.mmap(
+            self.datapath_config.fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
+        self._config: DatapathConfig | None = DatapathConfig.from_buffer(self._config_memory)
+        self._moved_ring: RingBuffer | None = None  # mapped by the first read_moved_keys
+        self._moved_lost_seen = 0
+
+    def close(self) -> None:
+        self._config = None  # the mmap cannot close while a view of it lives
+        self._config_memory.close()
+        if self._moved_ring is not None:
+            self._moved_ring.close()
+        for pinned in (
+            self.flows,
+            self.endpoints,
+            self.policy,
+            self.slot_rule_kinds,
+            self.rule_stats,
+            self.ifindex_counters,
+            self.veth_counters,
+            self.flow_shares,
+            self.datapath_stats,
+            self.datapath_config,
+            self.moved_flows,
+        ):
+            pinned.close()
+
+    @property
+    def config(self) -> DatapathConfig:
+        assert self._config is not None, "Maps used after close()"
+        return self._config
+
+    # --- flows ------------------------------------------------------------------------
+
+    def read_flows(self) -> FlowTableRead:
+        """The whole flow table, each flow's per-CPU copies merged."""
+        started = _monotonic_ns() - COARSE_CLOCK_SLACK_NS
+        keys = np.empty(self.flow_table_size, FLOW_KEY_DTYPE)
+        copies = np.empty((self.flow_table_size, possible_cpus()), FLOW_STATS_DTYPE)
+        count = self.flows.lookup_batch(keys, copies) if self._batch_supported else None
+        if count is None:
+            self._batch_supported = False
+            count = self._lookup_one_by_one(keys, copies)
+        return FlowTableRead(keys[:count], merge_flow_copies(copies[:count]), _monotonic_ns(), started)
+
+    def _lookup_one_by_one(self, keys: np.ndarray, copies: np.ndarray) -> int:
+        """For kernels without batch lookups (before 5.6)."""
+        items = self.flows.items()[: len(keys)]
+        for row, (key, value) in enumerate(items):
+            keys[row] = np.frombuffer(key, FLOW_KEY_DTYPE)[0]
+            copies[row] = np.frombuffer(value, FLOW_STATS_DTYPE)
+        return len(items)
+
+    def lookup_flows(self, keys: np.ndarray) -> FlowTableRead:
+        """Just these flows (FLOW_KEY_DTYPE keys), as read_flows gives them; keys the LRU
+        evicted meanwhile are left out. One lookup syscall per key, straight into numpy."""
+        started = _monotonic_ns() - COARSE_CLOCK_SLACK_NS
+        wanted = np.ascontiguousarray(keys, FLOW_KEY_DTYPE)
+        found = np.empty(len(wanted), FLOW_KEY_DTYPE)
+        copies = np.empty((len(wanted), possible_cpus()), FLOW_STATS_DTYPE)
+        attr = MapElemAttr(self.flows.fd, 0, 0, 0, 0)
+        count = 0
+        for row in range(len(wanted)):
+            attr.key = wanted.ctypes.data + row * FLOW_KEY_DTYPE.itemsize
+            attr.value = copies.ctypes.data + count * copies.strides[0]
+            try:
+                sys_bpf(BPF_MAP_LOOKUP_ELEM, attr)
+            except FileNotFoundError:
+                continue
+            found[count] = wanted[row]
+            count += 1
+        return FlowTableRead(found[:count], merge_flow_copies(copies[:count]), _monotonic_ns(), started)
+
+    def bump_epoch(self) -> int:
+        """Start a new epoch: from now on each flow's first packet announces its key in
+        moved_flows again. Returns the new epoch (never 0: epoch 0 announces nothing)."""
+        epoch = (self.config.epoch + 1) & 0xFFFFFFFF or 1
+        self.config.epoch = epoch
+        return epoch
+
+    def read_moved_keys(self) -> tuple[np.ndarray | None, int]:
+        """(keys, lost): the distinct keys (FLOW_KEY_DTYPE) of the flows announced since the
+        last call, and how many announcements the full ring buffer lost meanwhile. keys is
+        None when any were lost: then only read_flows() tells everything that moved.
+        One consumer at a time: the ring buffer has a single consumer position."""
+        if self._moved_ring is None:
+            self._moved_ring = RingBuffer(self.moved_flows.fd, self.moved_flows.max_entries)
+            self._moved_lost_seen = self._stat(STAT_MOVED_LOST)
+        records = self._moved_ring.drain()
+        lost_so_far = self._stat(STAT_MOVED_LOST)  # read after the drain: a loss is never missed
+        lost, self._moved_lost_seen = lost_so_far - self._moved_lost_seen, lost_so_far
+        if lost:
+            return None, lost
+        raw = b"".join(record[: FLOW_KEY_DTYPE.itemsize] for record in records)
+        announced = np.frombuffer(raw, f"V{FLOW_KEY_DTYPE.itemsize}")
+        return np.unique(announced).view(FLOW_KEY_DTYPE), 0
+
+    def set_flow_share(self, flows_per_epoch: int) -> None:
+        """How many flows one veth may create per epoch before the rest of its new flows
+        are counted in its overflow flow; 0 restores the default (flow table size / 8)."""
+        self.config.flow_share = flows_per_epoch
+
+    def _stat(self, index: int) -> int:
+        per_cpu = self.datapath_stats.lookup(_IFINDEX.pack(index)) or b""
+        return sum(struct.unpack(f"={len(per_cpu) // 8}Q", per_cpu))
+
+    def flows_created(self) -> int:
+        return self._stat(STAT_FLOWS_CREATED)
+
+    def moved_lost(self) -> int:
+        """Announcements of moved flows lost to a full ring buffer, ever."""
+        return self._stat(STAT_MOVED_LOST)
+
+    # --- per-veth and per-rule counters -------------------------------------------------
+
+    def _ifindex_values(self) -> dict[int, list[int]]:
+        """struct ifindex_counters per veth: its claimed veth_counters copies plus its
+        ifindex_counters entry (bpf/egress_maps.h, struct veth_counters)."""
+        fields = _IFINDEX_COUNTERS.size // 8
+        sums = {
+            _IFINDEX.unpack(key)[0]: sum_u64_copies(value, fields)
+            for key, value in self.ifindex_counters.items()
+        }
+        slots = self.veth_counters.max_entries
+        copies = np.zeros((slots, possible_cpus()), VETH_COUNTERS_DTYPE)
+        if self.veth_counters.lookup_batch(np.zeros(slots, "<u4"), copies) is None:
+            for index in range(slots):
+                copies[index] = np.frombuffer(
+                    self.veth_counters.lookup(_IFINDEX.pack(index)) or b"", VETH_COUNTERS_DTYPE
+                )
+        claimed = copies[copies["ifindex"] != 0]
+        for ifindex in np.unique(claimed["ifindex"]).tolist():
+            held = claimed["counters"][claimed["ifindex"] == ifindex].sum(axis=0, dtype=np.uint64)
+            sums[ifindex] = sums[ifindex] + held if ifindex in sums else held
+        return {ifindex: values.tolist() for ifindex, values in sums.items()}
+
+    def read_ifindex_counters(self) -> dict[int, IfindexCounters]:
+        return {
+            ifindex: IfindexCounters(*values[_COUNTERS_AFTER_TOTALS])
+            for ifindex, values in self._ifindex_values().items()
+        }
+
+    def read_endpoint_totals(self) -> dict[int, EndpointTotals]:
+        """Each veth's exact totals, summed over CPUs (struct ifindex_counters)."""
+        totals = {}
+        for ifindex, values in self._ifindex_values().items():
+            counters = IfindexCounters(*values[_COUNTERS_AFTER_TOTALS])
+            (packets, sent_bytes), (overflow_packets, overflow_bytes) = values[:2], values[-2:]
+            totals[ifindex] = EndpointTotals(
+                packets=packets,
+                bytes=sent_bytes,
+                dropped_packets=counters.dropped_packets
+                + counters.unparsed_dropped_packets
+                + counters.held_packets,
+                dropped_bytes=counters.dropped_bytes + counters.unparsed_dropped_bytes + counters.held_bytes,
+                overflow_packets=overflow_packets,
+                overflow_bytes=overflow_bytes,
+            )
+        return totals
+
+    def read_rule_hits(self) -> dict[int, RuleHits]:
+        hits = {}
+        for key, value in self.rule_stats.items():
+            copies = np.frombuffer(value, "<u8").reshape(-1, _RULE_STATS.size // 8)
+            packets, hit_bytes = copies[:, :2].sum(axis=0, dtype=np.uint64).tolist()
+            hits[_IFINDEX.unpack(key)[0]] = RuleHits(packets, hit_bytes, int(copies[:, 2].max()))
+        return hits
+
+    # --- endpoints and policy -----------------------------------------------------------
+
+    def set_endpoint(self, ifindex: int, slot: int, has_policy: bool) -> None:
+        self.endpoints.update(
+            _IFINDEX.pack(ifindex), _ENDPOINT.pack(slot, ENDPOINT_F_POLICY if has_policy else 0)
+        )
+        self._endpoints_changed()
+
+    def _endpoints_changed(self) -> None:
+        """After every write to endpoints or slot_rule_kinds: the datapath's per-CPU copies
+        of them (struct veth_counters) are read again. A random new value rather than an
+        increment, which two processes could both make to the same number."""
+        generation = self.config.endpoints_generation
+        while generation in (0, self.config.endpoints_generation):
+            generation = int.from_bytes(os.urandom(4), "little")
+        self.config.endpoints_generation = generation
+
+    def set_hold_unknown(self, enabled: bool) -> None:
+        """Drop IP packets of veths with no endpoint entry (held_* counters) until
+        set_endpoint names them: enforcement from a container's first packet."""
+        self.config.flags = CONFIG_F_HOLD_UNKNOWN if enabled else 0
+
+    def forget_endpoints(self, keep: Iterable[int]) -> None:
+        """Drop endpoint entries of veths that are gone (ifindex values get reused)."""
+        keep = set(keep)
+        for key in self.endpoints.list_keys():
+            if _IFINDEX.unpack(key)[0] not in keep:
+                self.endpoints.delete(key)
+        self._endpoints_changed()
+
+    def policy_endpoints(self) -> set[int]:
+        return {
+            _IFINDEX.unpack(key)[0]
+            for key, value in self.endpoints.items()
+            if _ENDPOINT.unpack(value)[1] & ENDPOINT_F_POLICY
+        }
+
+    def sync_policy(self, entries: Iterable[tuple[bytes, bytes]]) -> None:
+        """Make the trie hold exactly these (key bytes, value bytes) entries.
+
+        New entries are written before stale ones are deleted, so a rule being
+        replaced never leaves a gap in which its packets pass. The kinds of rule each
+        slot has (slot_rule_kinds, which lookups the datapath makes) are widened
+        before and narrowed after, for the same reason."""
+        wanted = dict(entries)
+        kinds = _rule_kinds(wanted)
+        known = {
+            _IFINDEX.unpack(key)[0]: _IFINDEX.unpack(value)[0] for key, value in self.slot_rule_kinds.items()
+        }
+        for slot in kinds.keys() | known.keys():
+            widened = kinds.get(slot, 0) | known.get(slot, 0)
+            if widened != known.get(slot):
+                self.slot_rule_kinds.update(_IFINDEX.pack(slot), _IFINDEX.pack(widened))
+        self._endpoints_changed()  # the wider kinds are in force before any new entry
+        for key, value in wanted.items():
+            self.policy.update(key, value)
+        for key in self.policy.list_keys():
+            if key not in wanted:
+                self.policy.delete(key)
+        for slot in known.keys() - kinds.keys():
+            self.slot_rule_kinds.delete(_IFINDEX.pack(slot))
+        for slot, bits in kinds.items():
+            if known.get(slot, 0) | bits != bits:  # widened above: narrow it to what is left
+                self.slot_rule_kinds.update(_IFINDEX.pack(slot), _IFINDEX.pack(bits))
+        self._endpoints_changed()
+
+    def policy_entry_count(self) -> int:
+        return len(self.policy.list_keys())
+
+
+def _rule_kinds(entries: dict[bytes, bytes]) -> dict[int, int]:
+    """slot -> RULE_KIND_* bits of the trie entries (struct policy_lpm_key)."""
+    kinds: dict[int, int] = {}
+    for key in entries:
+        _, slot, proto, _, port = _POLICY_KEY_HEAD.unpack_from(key)
+        kind = RULE_KIND_PORT if port else RULE_KIND_PROTO if proto else RULE_KIND_ANY
+        kinds[slot] = kinds.get(slot, 0) | kind
+    return kinds
+
+
+def open_pinned_maps() -> Maps | None:
+    """The maps a running (or departed) datapath left pinned, without compiling anything."""
+    try:
+        return Maps() if pins_exist() else None
+    except OSError as exc:
+        log.debug("pinned maps unusable: %s", exc)
+        return None
+
+
+def _monotonic_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)

@@ -1,0 +1,46 @@
+"""Per-CPU map values, summed: the datapath keeps one copy per CPU so it never needs atomics.
+
+A per-CPU map returns, for each key, one copy of the value per possible CPU, each
+padded to 8 bytes (the kernel's bpf_long_memcpy slots).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+
+@functools.cache
+def possible_cpus() -> int:
+    # "0-3" or "0,2-5": the kernel sizes per-CPU values by possible, not online, CPUs
+    total = 0
+    for part in Path("/sys/devices/system/cpu/possible").read_text().strip().split(","):
+        low, _, high = part.partition("-")
+        total += int(high or low) - int(low) + 1
+    return total
+
+
+def sum_u64_copies(raw: bytes, fields: int) -> np.ndarray:
+    """A value of `fields` u64 counters, summed over its per-CPU copies."""
+    return np.frombuffer(raw, "<u8").reshape(-1, fields).sum(axis=0, dtype=np.uint64)
+
+
+def merge_flow_copies(copies: np.ndarray) -> np.ndarray:
+    """(flows, cpus) struct flow_stats copies -> one per flow (rules in bpf/egress_maps.h):
+    counters add up, first_seen_ns is the least non-zero one, last_seen_ns the greatest,
+    rule_id and verdict come from the copy that saw the last packet, epoch is the greatest."""
+    merged = np.zeros(len(copies), copies.dtype)
+    for counter in ("bytes", "packets", "dropped_bytes", "dropped_packets"):
+        merged[counter] = copies[counter].sum(axis=1, dtype=np.uint64)
+    first = copies["first_seen_ns"]
+    unset = np.iinfo(np.uint64).max
+    earliest = np.where(first == 0, unset, first).min(axis=1)
+    merged["first_seen_ns"] = np.where(earliest == unset, 0, earliest)
+    latest = copies["last_seen_ns"].argmax(axis=1)
+    rows = np.arange(len(copies))
+    for field in ("last_seen_ns", "rule_id", "verdict"):
+        merged[field] = copies[field][rows, latest]
+    merged["epoch"] = copies["epoch"].max(axis=1)
+    return merged

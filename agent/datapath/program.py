@@ -1,0 +1,134 @@
+"""The loaded program: which build serves this datapath, loading it in a child, opening its pin.
+
+BCC and LLVM stay out of this process: a short-lived child (agent/datapath/loader.py)
+compiles, loads and pins the program next to the maps. The pin's name carries a
+fingerprint of the source, the table sizes and the kernel, so a process that finds
+a matching pin attaches it at once, without compiling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from agent.datapath.attach import attach
+from agent.datapath.maps import (
+    DEFAULT_FLOW_TABLE_SIZE,
+    PIN_DIR,
+    POLICY_TABLE_SIZE,
+    Maps,
+    pinned_flow_table_size,
+    pins_exist,
+)
+from agent.datapath.syscalls import obj_get
+from agent.errors import EXIT_KERNEL, UserError
+
+log = logging.getLogger(__name__)
+
+PROGRAM_PIN_PREFIX = "program-"
+LOADER_TIMEOUT_SECONDS = 120
+
+
+def bpf_source_dir() -> Path:
+    return Path(str(importlib.resources.files("agent.bpf") / "egress.c")).parent
+
+
+def program_fingerprint(flow_table_size: int, pin_dir: Path = PIN_DIR) -> str:
+    """Changes whenever a rebuild would give another program: source, sizes, pin paths, kernel."""
+    digest = hashlib.sha256()
+    for source in sorted(bpf_source_dir().glob("*.[ch]")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    digest.update(f"{flow_table_size}/{POLICY_TABLE_SIZE}/{pin_dir}/{os.uname().release}".encode())
+    return digest.hexdigest()[:16]
+
+
+def program_pin(flow_table_size: int, pin_dir: Path = PIN_DIR) -> Path:
+    return pin_dir / f"{PROGRAM_PIN_PREFIX}{program_fingerprint(flow_table_size, pin_dir)}"
+
+
+def pinned_program_matches(flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE, pin_dir: Path = PIN_DIR) -> bool:
+    """The program this source builds is pinned with its maps: opening the datapath
+    compiles nothing (so it needs no kernel headers)."""
+    size = pinned_flow_table_size(pin_dir) or flow_table_size
+    return pins_exist(pin_dir) and program_pin(size, pin_dir).exists()
+
+
+class Datapath(Maps):
+    """The pinned program plus its pinned maps. Use lifecycle.open_datapath() to get one."""
+
+    def __init__(self, flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE, pin_dir: Path = PIN_DIR):
+        flow_table_size = _flow_table_in_force(flow_table_size, pin_dir)
+        pin = program_pin(flow_table_size, pin_dir)
+        if not (pin.exists() and pins_exist(pin_dir)):
+            run_loader(flow_table_size, pin_dir)
+        self.program_fd = obj_get(pin)
+        super().__init__(pin_dir)
+
+    def attach(self, ifindex: int) -> None:
+        attach(ifindex, self.program_fd)
+
+    def close(self) -> None:
+        super().close()
+        os.close(self.program_fd)
+
+
+def _flow_table_in_force(requested: int, pin_dir: Path) -> int:
+    """A pinned flow table is never swapped: another process may be reading it."""
+    pinned = pinned_flow_table_size(pin_dir)
+    if pinned is None or pinned == requested:
+        return requested
+    log.warning(
+        "keeping the pinned flow table of %d entries (another egress-top, the agent or rules use it): "
+        "--flow-table-size %d applies once none of them runs",
+        pinned,
+        requested,
+    )
+    return pinned
+
+
+def run_loader(flow_table_size: int, pin_dir: Path) -> None:
+    """Compile, load and pin in a child; its UserError comes back as ours."""
+    command = [
+        sys.executable,
+        "-P",  # never import from the working directory: this runs as root
+        "-m",
+        "agent.datapath.loader",
+        "--flow-table-size",
+        str(flow_table_size),
+        "--pin-dir",
+        str(pin_dir),
+    ]
+    if log.isEnabledFor(logging.DEBUG):
+        command.append("--verbose")
+    try:
+        child = subprocess.run(command, capture_output=True, text=True, timeout=LOADER_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise UserError(
+            f"the BPF loader did not finish within {LOADER_TIMEOUT_SECONDS}s: run with --verbose", EXIT_KERNEL
+        ) from None
+    if child.returncode == 0:
+        for line in child.stderr.splitlines():
+            log.warning("%s", line)  # the loader's own log lines (header fallback...)
+        return
+    report = _error_report(child.stdout)
+    if report is None:
+        raise UserError(
+            f"the BPF loader failed (exit {child.returncode}): run with --verbose for its log",
+            EXIT_KERNEL,
+            detail=child.stderr.strip(),
+        )
+    raise UserError(report["message"], report["exit_code"], detail=report.get("detail"))
+
+
+def _error_report(stdout: str) -> dict | None:  # type: ignore[type-arg]
+    lines = stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return None

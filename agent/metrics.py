@@ -1,0 +1,292 @@
+"""Prometheus front end: the monitor's Snapshots as /metrics, beside the NDJSON export.
+
+A custom collector builds every family from the latest state at scrape time instead of
+mutating global metrics, so a removed container's series simply stop being produced
+once its grace has passed. Egress counters are the sum of each interval's per-flow
+deltas, kept here per container: the flow table's own counters restart when the LRU
+evicts a flow, a Prometheus counter must not. Labels are bounded by design: container
+name and compose labels, protocol, destination kind, rule id; never a destination
+address, port or name (those stay in the flow records).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from agent.agent_status import AgentStatus
+from agent.datapath import RuleHits
+from agent.errors import EXIT_USAGE, UserError
+from agent.latency import LatencyCounts
+from agent.model import Snapshot
+from agent.policy import Rule
+
+if TYPE_CHECKING:
+    from prometheus_client.core import HistogramMetricFamily, Metric
+
+# prometheus_client is imported where it is used: every front end imports this module
+# (egress-agent's options), and only the agent serving /metrics needs the library.
+
+DEFAULT_LISTEN = "127.0.0.1:9847"
+REMOVED_SERIES_GRACE_SECONDS = 60.0  # as Hubble: a removed container's series go after a minute
+CONTAINER_LABELS = ("container", "compose_project", "compose_service")  # "" when not a compose one
+PREFIX = "egress_top"
+
+SeriesKey = tuple[str, str, str]  # values of CONTAINER_LABELS
+
+
+@dataclass(frozen=True)
+class AgentHealth:
+    """What /metrics needs from the loop beside the Snapshot (given once per interval)."""
+
+    status: AgentStatus
+    attach_latency: LatencyCounts
+    # read at scrape time, not every interval: one map lookup per rule, and there may be 10,000
+    read_rule_hits: Callable[[], Sequence[tuple[Rule, RuleHits]]] = tuple
+
+
+@dataclass
+class _ContainerSeries:
+    # (proto, dst_kind) -> [bytes, packets] since the agent started
+    egress: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    overflow_packets: int = 0  # past the container's flow share: in its totals, in no flow
+    active_flows: int = 0
+    gone_since: float | None = None  # monotonic time it was first missing from a Snapshot
+
+
+class SnapshotMetrics:
+    """Accumulates Snapshots; collect() turns the latest state into metric families."""
+
+    def __init__(
+        self, grace_seconds: float = REMOVED_SERIES_GRACE_SECONDS, clock: Callable[[], float] = time.monotonic
+    ):
+        self._grace = grace_seconds
+        self._clock = clock
+        self._lock = threading.Lock()  # update() runs in the loop, collect() in the HTTP thread
+        self._series: dict[SeriesKey, _ContainerSeries] = {}
+        self._latest: tuple[Snapshot, AgentHealth] | None = None
+        self._evictions = 0
+        self._moved_events_lost = 0
+        self._flows_restarted = 0
+
+    def update(self, snapshot: Snapshot, health: AgentHealth) -> None:
+        now = self._clock()
+        with self._lock:
+            present: set[SeriesKey] = set()
+            for stats in snapshot.stats:
+                c = stats.container
+                key = (c.name, c.compose_project or "", c.compose_service or "")
+                present.add(key)
+                series = self._series.setdefault(key, _ContainerSeries())
+                series.gone_since = None
+                series.active_flows = stats.active_flows
+                series.overflow_packets += stats.overflow_packets_delta
+                for flow in stats.flows:
+                    totals = series.egress.setdefault((flow.proto_name, str(flow.dst_kind)), [0, 0])
+                    totals[0] += flow.bytes_delta
+                    totals[1] += flow.packets_delta
+            for key, series in self._series.items():
+                if key not in present and series.gone_since is None:
+                    series.gone_since = now
+                    series.active_flows = 0
+            self._forget_removed(now)
+            self._evictions = max(self._evictions, snapshot.table.evicted)  # never backwards
+            self._moved_events_lost += snapshot.losses.moved_lost
+            self._flows_restarted += snapshot.losses.restarted_flows
+            self._latest = snapshot, health
+
+    def _forget_removed(self, now: float) -> None:
+        expired = [
+            key
+            for key, series in self._series.items()
+            if series.gone_since is not None and now - series.gone_since >= self._grace
+        ]
+        for key in expired:
+            del self._series[key]
+
+    def collect(self) -> list[Metric]:
+        """Called by the registry at each scrape; built whole under the lock, then handed over."""
+        latest = self._latest
+        if latest is None:
+            return []  # nothing polled yet: no series rather than made-up zeros
+        snapshot, health = latest
+        rule_hits = health.read_rule_hits()  # outside the lock: the loop need not wait for it
+        with self._lock:
+            self._forget_removed(self._clock())
+            return [
+                *self._container_families(),
+                *self._drop_families(rule_hits),
+                *self._health_families(snapshot, health),
+            ]
+
+    def _container_families(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        labels = [*CONTAINER_LABELS, "proto", "dst_kind"]
+        sent_bytes = CounterMetricFamily(
+            f"{PREFIX}_container_egress_bytes",
+            "Bytes the container sent out of its veths since the agent started, dropped ones included.",
+            labels=labels,
+        )
+        sent_packets = CounterMetricFamily(
+            f"{PREFIX}_container_egress_packets",
+            "Packets the container sent out of its veths since the agent started, dropped ones included.",
+            labels=labels,
+        )
+        overflow = CounterMetricFamily(
+            f"{PREFIX}_container_overflow_packets",
+            "Packets past the container's flow share: counted, but in no proto/dst_kind series.",
+            labels=list(CONTAINER_LABELS),
+        )
+        active = GaugeMetricFamily(
+            f"{PREFIX}_container_active_flows",
+            "Flows of the container that moved in the last interval.",
+            labels=list(CONTAINER_LABELS),
+        )
+        for key, series in sorted(self._series.items()):
+            active.add_metric(list(key), series.active_flows)
+            overflow.add_metric(list(key), series.overflow_packets)
+            for (proto, kind), (byte_count, packet_count) in sorted(series.egress.items()):
+                sent_bytes.add_metric([*key, proto, kind], byte_count)
+                sent_packets.add_metric([*key, proto, kind], packet_count)
+        yield from (sent_bytes, sent_packets, overflow, active)
+
+    def _drop_families(self, rule_hits: Sequence[tuple[Rule, RuleHits]]) -> Iterator[Metric]:
+        """Drops by block rule, under the labels of the container the rule names (while it has
+        series): rule hits are cumulative in the datapath and rule ids are never reused."""
+        from prometheus_client.core import CounterMetricFamily
+
+        labels = [*CONTAINER_LABELS, "rule_id"]
+        dropped_packets = CounterMetricFamily(
+            f"{PREFIX}_container_dropped_packets", "Packets a block rule dropped.", labels=labels
+        )
+        dropped_bytes = CounterMetricFamily(
+            f"{PREFIX}_container_dropped_bytes", "Bytes a block rule dropped.", labels=labels
+        )
+        # the running container's labels win over a removed namesake's: present ones come last
+        by_name = {
+            key[0]: key for key in sorted(self._series, key=lambda k: self._series[k].gone_since is None)
+        }
+        for rule, hits in rule_hits:
+            key = by_name.get(rule.container)
+            if rule.action != "block" or key is None:
+                continue
+            dropped_packets.add_metric([*key, str(rule.rule_id)], hits.packets)
+            dropped_bytes.add_metric([*key, str(rule.rule_id)], hits.bytes)
+        yield from (dropped_packets, dropped_bytes)
+
+    def _health_families(self, snapshot: Snapshot, health: AgentHealth) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        status = health.status
+        yield _histogram(
+            f"{PREFIX}_attach_latency_seconds",
+            "Time from a new veth's link event to the datapath attached to it.",
+            health.attach_latency,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_inventory_refresh_retries",
+            "Inventory refreshes (Docker, netlink) retried after an error.",
+            value=status.refresh_retries,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_inventory_refresh_failures",
+            "Inventory refreshes that failed after their retries.",
+            value=status.refresh_failures,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_flow_table_used", "Flows in the datapath's flow table.", value=snapshot.table.used
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_flow_table_size", "Flows the flow table holds at most.", value=snapshot.table.size
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_flow_table_evictions",
+            "Flows the LRU pushed out of the flow table since the datapath was loaded.",
+            value=self._evictions,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_moved_events_lost",
+            "Moved-flow announcements lost to a full ring buffer (a full table read made up for them).",
+            value=self._moved_events_lost,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_flows_restarted",
+            "Flows evicted and re-created between two reads: their packets in between were missed.",
+            value=self._flows_restarted,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_containers_enforced",
+            "Running containers with rules in force on every veth.",
+            value=len(status.containers_enforced),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_containers_not_enforced",
+            "Running containers whose rules are not in force on every veth (see egress-agent status).",
+            value=len(status.not_enforced),
+        )
+        yield GaugeMetricFamily(f"{PREFIX}_rules", "Rules in the rule store.", value=status.rules)
+
+
+def _histogram(name: str, documentation: str, latency: LatencyCounts) -> HistogramMetricFamily:
+    from prometheus_client.core import HistogramMetricFamily
+
+    cumulative, buckets = 0, []
+    for bound, count in zip((*map(str, latency.bounds), "+Inf"), latency.counts, strict=True):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=latency.total_seconds)
+
+
+def parse_listen(text: str) -> tuple[str, int] | None:
+    """ADDR:PORT (IPv6 in brackets) -> (host, port); "off" -> None."""
+    if text == "off":
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UserError(
+            f"--metrics {text!r}: give ADDR:PORT (e.g. {DEFAULT_LISTEN} or [::1]:9847) or 'off'", EXIT_USAGE
+        )
+    return host, int(port)
+
+
+@contextlib.contextmanager
+def serving(listen: tuple[str, int] | None, metrics: SnapshotMetrics) -> Iterator[Callable[[], None]]:
+    """/metrics on listen (in a daemon thread) until the block ends, or until the stop it
+    yields is called (before the datapath closes, so no scrape reads a closed map)."""
+    if listen is None:
+        yield lambda: None
+        return
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(metrics)
+    ProcessCollector(registry=registry)  # the agent's own CPU and memory
+    host, port = listen
+    try:
+        server, thread = start_http_server(port, host, registry)
+    except OSError as exc:
+        raise UserError(
+            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}: "
+            "choose another with --metrics ADDR:PORT, or --metrics off",
+            EXIT_USAGE,
+        ) from None
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            server.shutdown()  # waits for a scrape in progress
+            server.server_close()
+            thread.join(timeout=5)
+
+    try:
+        yield stop
+    finally:
+        stop()

@@ -1,0 +1,180 @@
+"""What a tc program costs per packet, from the kernel's own accounting.
+
+With kernel.bpf_stats_enabled on, the kernel adds up run_time_ns and run_cnt for every BPF
+program. The programs measured here sit on a veth's ingress hook and may have been loaded
+by another process (the agent's loader runs in a child), so they are found by the program
+id the tc filter holds and read through raw syscalls (BPF_PROG_GET_FD_BY_ID,
+BPF_OBJ_GET_INFO_BY_FD), as the agent reads its pinned maps. The trivial program
+(`return TC_ACT_OK`) is the floor every figure is divided by: the hook, the call and the
+statistics' own two clock reads, which every measured program pays alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.datapath import detach
+from agent.datapath.attach import TC_FILTER_HANDLE, TC_FILTER_PRIO, TC_INGRESS_PARENT
+from agent.datapath.syscalls import sys_bpf
+
+STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+TRIVIAL_NAME = "ettb_trivial"
+TRIVIAL_SOURCE = "int ettb_trivial(struct __sk_buff *skb) { return TC_ACT_OK; }\n"
+
+
+class _ProgGetFdAttr(ctypes.Structure):
+    _fields_ = [("prog_id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+class ProgInfo(ctypes.Structure):
+    """struct bpf_prog_info (linux/bpf.h) up to run_cnt: the kernel fills what we ask for."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("nr_jited_ksyms", ctypes.c_uint32),
+        ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64),
+        ("jited_func_lens", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("jited_line_info", ctypes.c_uint64),
+        ("nr_jited_line_info", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("jited_line_info_rec_size", ctypes.c_uint32),
+        ("nr_prog_tags", ctypes.c_uint32),
+        ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64),
+        ("run_cnt", ctypes.c_uint64),
+    ]
+
+
+@dataclass(frozen=True)
+class Counters:
+    run_time_ns: int
+    run_cnt: int
+
+
+def program_counters(program_id: int) -> Counters:
+    fd = sys_bpf(BPF_PROG_GET_FD_BY_ID, _ProgGetFdAttr(program_id, 0, 0))
+    try:
+        info = ProgInfo()
+        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
+    finally:
+        os.close(fd)
+    if info.id != program_id:
+        raise RuntimeError(f"bpf_prog_info of program {program_id} says id {info.id}: layout mismatch")
+    return Counters(info.run_time_ns, info.run_cnt)
+
+
+def attached_program_id(ifindex: int) -> int:
+    """The id of the one BPF program on the veth's ingress hook (from tc: pyroute2 does not
+    decode TCA_BPF_ID)."""
+    device = socket.if_indextoname(ifindex)
+    shown = subprocess.run(
+        ["tc", "-j", "filter", "show", "dev", device, "ingress"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    ids = [f["options"]["prog"]["id"] for f in json.loads(shown or "[]") if "prog" in f.get("options", {})]
+    if len(ids) != 1:
+        raise RuntimeError(f"expected one BPF program on {device}'s ingress hook, found {ids}")
+    return int(ids[0])
+
+
+def cost(before: Counters, after: Counters, seconds: float) -> dict[str, Any]:
+    runs, busy_ns = after.run_cnt - before.run_cnt, after.run_time_ns - before.run_time_ns
+    return {
+        "runs": runs,
+        "ns_per_run": busy_ns / runs if runs else None,
+        "runs_per_second": runs / seconds,
+        "cpu_share": busy_ns / (seconds * 1e9),
+    }
+
+
+@contextlib.contextmanager
+def statistics_enabled() -> Iterator[None]:
+    """kernel.bpf_stats_enabled on for the block, back to what it was afterwards."""
+    before = STATS_SYSCTL.read_text().strip()
+    STATS_SYSCTL.write_text("1\n")
+    try:
+        yield
+    finally:
+        STATS_SYSCTL.write_text(f"{before}\n")
+
+
+class TrivialProgram:
+    """`return TC_ACT_OK`, compiled by BCC in this process, attached where ours goes (same
+    hook, priority and handle, so detach() removes it as it removes ours)."""
+
+    def __init__(self) -> None:
+        from bcc import BPF
+
+        self.bpf = BPF(text=f"#include <uapi/linux/pkt_cls.h>\n{TRIVIAL_SOURCE}")
+        self.function = self.bpf.load_func(TRIVIAL_NAME.encode(), BPF.SCHED_CLS)
+
+    def attach(self, ifindex: int) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("add", "clsact", ifindex)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+            ipr.tc(
+                "replace-filter",
+                "bpf",
+                ifindex,
+                TC_FILTER_HANDLE,
+                fd=self.function.fd,
+                name=TRIVIAL_NAME,
+                parent=TC_INGRESS_PARENT,
+                prio=TC_FILTER_PRIO,
+                classid=1,
+                direct_action=True,
+            )
+
+    @staticmethod
+    def detach(ifindex: int) -> None:
+        detach(ifindex)
+
+    def close(self) -> None:
+        self.bpf.cleanup()

@@ -1,0 +1,109 @@
+"""What is and is not enforced, said out loud: egress-agent status, egress-rules' STATE,
+egress-block's warning, and the refusals of rules nothing could enforce."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from lab import UPSTREAM_V4_BLOCKME, Lab, wait_until
+from runner import BIN, run_cli
+
+from agent.agent_status import read_live
+from agent.datapath import PIN_DIR, our_filters
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("EGRESS_TOP_STATE_DIR", str(tmp_path / "state"))
+    yield tmp_path / "state"
+    run_cli("egress-agent", "cleanup")
+    assert not our_filters() and not PIN_DIR.exists()
+
+
+@pytest.fixture
+def agent() -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [str(BIN / "egress-agent"), "run", "-i", "0.2"], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: read_live() is not None or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def states() -> dict[str, str]:
+    rows = [json.loads(line) for line in run_cli("egress-rules", "--json").stdout.splitlines()]
+    return {row["container"]: row["state"] for row in rows}
+
+
+def test_status_without_an_agent_exits_1_and_egress_block_warns(lab: Lab) -> None:
+    web = lab.container("web", network=lab.network())
+    status = run_cli("egress-agent", "status")
+    assert status.returncode == 1 and "not running" in status.stdout
+
+    block = run_cli("egress-block", web.name, UPSTREAM_V4_BLOCKME)
+    assert block.returncode == 0, block.stderr
+    assert "no egress-agent is running" in block.stderr and "restart" in block.stderr
+    assert states() == {web.name: "enforced on 1 veths"}
+
+
+def test_status_and_rule_states_with_the_agent(lab: Lab, agent) -> None:
+    net = lab.network()
+    web = lab.container("web", network=net)
+    block = run_cli("egress-block", web.name, UPSTREAM_V4_BLOCKME)
+    assert block.returncode == 0 and "no egress-agent" not in block.stderr, block.stderr
+    wait_until(lambda: (s := read_live()) and s.containers_enforced == [web.name], timeout=10)
+
+    healthy = run_cli("egress-agent", "status")
+    assert healthy.returncode == 0, healthy.stdout
+    assert f"pid {agent.pid}" in healthy.stdout and "healthy" in healthy.stdout
+    assert "rules enforced: 1 of 1" in healthy.stdout and "not enforced: 0" in healthy.stdout
+    assert "refresh retries:" in healthy.stdout
+
+    # A pending rule, then its container starts with no veth: said, not silent.
+    later = f"{web.name}-host"
+    assert run_cli("egress-block", "--pending", later, UPSTREAM_V4_BLOCKME).returncode == 0
+    assert states()[later] == "pending: no such container running"
+    lab.container("host", network_mode="host", name=later)
+    wait_until(lambda: (s := read_live()) and later in s.not_enforced, timeout=10)
+    unhealthy = run_cli("egress-agent", "status")
+    assert unhealthy.returncode == 1
+    assert f"{later}: container running but NOT enforced: host network" in unhealthy.stdout
+    assert states() == {
+        web.name: "enforced on 1 veths",
+        later: "container running but NOT enforced: host network: its traffic crosses no veth",
+    }
+    table = run_cli("egress-rules").stdout
+    assert f"WARNING: NOT enforced now: {later}" in table
+
+
+def test_rules_nothing_could_enforce_are_refused(lab: Lab) -> None:
+    net = lab.network()
+    app = lab.container("app", network=net)
+    sidecar = lab.container("sidecar", network_mode=f"container:{app.name}")
+    on_host = lab.container("onhost", network_mode="host")
+    isolated = lab.container("isolated", network_mode="none")
+
+    shared = run_cli("egress-block", sidecar.name, "198.18.113.1")
+    assert shared.returncode == 2 and len(shared.stderr.strip().splitlines()) == 1
+    assert f"shares the network namespace of {app.name}" in shared.stderr
+    assert f"put the rule on {app.name}" in shared.stderr
+    for container, why in ((on_host, "host network"), (isolated, "network none")):
+        refused = run_cli("egress-block", container.name, "198.18.113.1")
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+        assert (
+            f"{container.name} cannot be enforced ({why}" in refused.stderr
+            and "no rule was added" in refused.stderr
+        )
+    assert run_cli("egress-rules", "--json").stdout == ""  # nothing was written
+    # the owner takes the rule, and it binds the netns both share
+    assert run_cli("egress-block", app.name, "198.18.113.1").returncode == 0
