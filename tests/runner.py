@@ -17,7 +17,8 @@ from typing import Any
 import jsonschema
 from lab import wait_until
 
-from agent.datapath import PIN_DIR, our_filters
+from agent.agent_status import read_live
+from agent.datapath import PIN_DIR, open_pinned_maps, our_filters
 from agent.export import SCHEMA_RESOURCES
 
 BIN = Path(sys.executable).parent
@@ -205,3 +206,46 @@ def nothing_left_behind(tmp_path: Path, monkeypatch: Any) -> Iterator[Path]:
     left = leftovers(clsact_before)
     remove_leftovers(clsact_before)
     assert not left, f"the test left behind: {', '.join(left)}"
+
+
+def filters_enforcing_nothing() -> list[str]:
+    """Our filters on veths that enforce no rule: what the last process out must have removed."""
+    maps = open_pinned_maps()
+    try:
+        enforced = maps.policy_endpoints() if maps is not None else set()
+    finally:
+        if maps is not None:
+            maps.close()
+    return [
+        f"our filter on {name} (no rule)" for index, name in our_filters().items() if index not in enforced
+    ]
+
+
+def only_enforcement_left_behind(tmp_path: Path, monkeypatch: Any) -> Iterator[Path]:
+    """Body of an autouse fixture for tests that leave rules in force on purpose: a private
+    rule store; afterwards, checked before any cleanup, every filter of ours still there
+    enforces a rule; then `egress-agent cleanup` must leave nothing of ours at all."""
+    monkeypatch.setenv("EGRESS_TOP_STATE_DIR", str(tmp_path / "state"))
+    clsact_before = clsact_veths()
+    yield tmp_path / "state"
+    enforcing_nothing = filters_enforcing_nothing()
+    remove_leftovers(clsact_before)
+    left = leftovers(clsact_before)
+    assert not enforcing_nothing and not left, f"left behind: {', '.join(enforcing_nothing + left)}"
+
+
+def running_agent(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """Body of a fixture: `egress-agent run -i 0.2` until it has published its status; at the
+    end SIGTERM, and it must exit 0."""
+    proc = subprocess.Popen(
+        [str(BIN / "egress-agent"), "run", "-i", "0.2", *args], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: read_live() is not None or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        assert code == 0, proc.stderr.read() if proc.stderr else ""

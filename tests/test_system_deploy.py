@@ -31,6 +31,16 @@ def rule_file(tmp_path: Path, containers: dict[str, list[dict[str, object]]]) ->
     return path
 
 
+def exported_packets(export: Path, container_name: str, src_port: int) -> int:
+    """Packets the export file holds for one flow source of a container (0 before the file exists)."""
+    records = parse_records(export.read_text()) if export.exists() else []
+    return sum(
+        r["packets_delta"]
+        for r in records
+        if r["container_name"] == container_name and r["src_port"] == src_port
+    )
+
+
 def test_rule_file_apply_is_live_when_it_returns_idempotent_and_leaves_others(
     tmp_path: Path, lab: Lab, upstream
 ) -> None:
@@ -242,17 +252,8 @@ def test_the_image_attaches_counts_and_enforces(
         assert delivered(lab, sink, web, UPSTREAM_V4_BLOCKME, 5320) == 0
         src_port = lab.send_udp(web, UPSTREAM_V4, 5320, count=7, size=32)
         export = export_dir / "flows.ndjson"
-
-        def exported() -> int:
-            records = parse_records(export.read_text()) if export.exists() else []
-            return sum(
-                r["packets_delta"]
-                for r in records
-                if r["container_name"] == web.name and r["src_port"] == src_port
-            )
-
-        wait_until(lambda: exported() == 7, timeout=10)
-        assert sink.wait_for(7, timeout=5)[0] >= 7
+        wait_until(lambda: exported_packets(export, web.name, src_port) == 7, timeout=10)
+        assert sink.wait_for(5 + 7, timeout=5) == (5 + 7, (5 + 7) * 32)  # the control's 5, none blocked, 7
     finally:
         agent.stop(timeout=15)
         exit_code = agent.wait(timeout=15)["StatusCode"]
@@ -327,16 +328,7 @@ def test_the_swarm_stack_counts_and_enforces(
         assert delivered(lab, sink, web, UPSTREAM_V4_BLOCKME, 5330) == 0  # the config's rule, enforced
         src_port = lab.send_udp(web, UPSTREAM_V4, 5330, count=9, size=32)
         export = log_dir / "flows.ndjson"
-
-        def exported() -> int:
-            records = parse_records(export.read_text()) if export.exists() else []
-            return sum(
-                r["packets_delta"]
-                for r in records
-                if r["container_name"] == web.name and r["src_port"] == src_port
-            )
-
-        wait_until(lambda: exported() == 9, timeout=10)
+        wait_until(lambda: exported_packets(export, web.name, src_port) == 9, timeout=10)
     finally:
         # every step runs whatever the one before did: a swarm left active breaks the host
         try:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 from lab import PREFIX, RUN, TEST_IMAGE, UPSTREAM_V4, UPSTREAM_V4_BLOCKME, Lab, Sink, wait_until
-from runner import BIN, run_cli
+from runner import only_enforcement_left_behind, run_cli, running_agent
 
 from agent.agent_status import read_live
-from agent.datapath import PIN_DIR, our_filters
+from agent.datapath import our_filters
 
 TRIALS = int(os.environ.get("EGRESS_TOP_TRIALS", "3"))
 REPO = Path(__file__).resolve().parent.parent
@@ -42,24 +42,14 @@ def sender(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return binary
 
 
+@pytest.fixture(autouse=True)
+def state_dir(lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    yield from only_enforcement_left_behind(tmp_path, monkeypatch)
+
+
 @pytest.fixture
-def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[subprocess.Popen[str]]:
-    """A private rule store and a running agent; afterwards nothing of ours is left."""
-    monkeypatch.setenv("EGRESS_TOP_STATE_DIR", str(tmp_path / "state"))
-    proc = subprocess.Popen(
-        [str(BIN / "egress-agent"), "run", "-i", "0.2"], stderr=subprocess.PIPE, text=True
-    )
-    try:
-        wait_until(lambda: read_live() is not None or proc.poll() is not None, timeout=30)
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=15)
-        run_cli("egress-agent", "cleanup")
-        assert code == 0, proc.stderr.read() if proc.stderr else ""
-    assert not our_filters() and not PIN_DIR.exists()
+def agent() -> Iterator[subprocess.Popen[str]]:
+    yield from running_agent()
 
 
 def cli(*args: str) -> None:

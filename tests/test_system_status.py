@@ -4,40 +4,25 @@ egress-block's warning, and the refusals of rules nothing could enforce."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from lab import UPSTREAM_V4_BLOCKME, Lab, wait_until
-from runner import BIN, run_cli
+from runner import only_enforcement_left_behind, run_cli, running_agent
 
 from agent.agent_status import read_live
-from agent.datapath import PIN_DIR, our_filters
 
 
 @pytest.fixture(autouse=True)
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.setenv("EGRESS_TOP_STATE_DIR", str(tmp_path / "state"))
-    yield tmp_path / "state"
-    run_cli("egress-agent", "cleanup")
-    assert not our_filters() and not PIN_DIR.exists()
+def state_dir(lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    yield from only_enforcement_left_behind(tmp_path, monkeypatch)
 
 
 @pytest.fixture
 def agent() -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [str(BIN / "egress-agent"), "run", "-i", "0.2"], stderr=subprocess.PIPE, text=True
-    )
-    try:
-        wait_until(lambda: read_live() is not None or proc.poll() is not None, timeout=30)
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0, proc.stderr.read() if proc.stderr else ""
+    yield from running_agent()
 
 
 def states() -> dict[str, str]:
