@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import json
 import os
 import socket
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.datapath import detach
-from agent.datapath.attach import TC_FILTER_HANDLE, TC_FILTER_PRIO, TC_INGRESS_PARENT
+from agent.datapath.attach import attach
 from agent.datapath.syscalls import sys_bpf
 
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -150,27 +149,7 @@ class TrivialProgram:
         self.function = self.bpf.load_func(TRIVIAL_NAME.encode(), BPF.SCHED_CLS)
 
     def attach(self, ifindex: int) -> None:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        with IPRoute() as ipr:
-            try:
-                ipr.tc("add", "clsact", ifindex)
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    raise
-            ipr.tc(
-                "replace-filter",
-                "bpf",
-                ifindex,
-                TC_FILTER_HANDLE,
-                fd=self.function.fd,
-                name=TRIVIAL_NAME,
-                parent=TC_INGRESS_PARENT,
-                prio=TC_FILTER_PRIO,
-                classid=1,
-                direct_action=True,
-            )
+        attach(ifindex, self.function.fd, name=TRIVIAL_NAME)
 
     @staticmethod
     def detach(ifindex: int) -> None:

@@ -19,8 +19,9 @@ TC_FILTER_HANDLE = 0xE7
 _GONE = (errno.ENODEV, errno.ENOENT, errno.EINVAL)  # the veth vanished: already clean
 
 
-def attach(ifindex: int, program_fd: int) -> None:
-    """Put the program on the veth's ingress hook (the container's egress)."""
+def attach(ifindex: int, program_fd: int, name: str = PROGRAM_NAME) -> None:
+    """Put the program on the veth's ingress hook (the container's egress). Another name
+    (the bench's trivial program) takes the same slot, so detach() removes it too."""
     from agent.netlink import IPRoute, NetlinkError
 
     with IPRoute() as ipr:
@@ -35,7 +36,7 @@ def attach(ifindex: int, program_fd: int) -> None:
             ifindex,
             TC_FILTER_HANDLE,
             fd=program_fd,
-            name=PROGRAM_NAME,
+            name=name,
             parent=TC_INGRESS_PARENT,
             prio=TC_FILTER_PRIO,
             classid=1,
