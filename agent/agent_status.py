@@ -2,29 +2,35 @@
 
 A file and not a socket: the agent rewrites it once per interval (atomically, 0600 in
 the 0700 runtime directory), and a reader needs no live agent to learn that there is
-none: an absent file, a dead pid or a stale time all say so.
+none: an absent file, an unlocked agent lock or a stale time all say so. The agent
+holds AGENT_LOCK for its whole life and the kernel drops it however the agent ends;
+a pid would not do, since an agent in a Swarm task has a pid of its own namespace.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from agent.datapath import RUN_DIR
-from agent.datapath.lifecycle import process_start_time
+from agent.datapath.lifecycle import is_locked
+from agent.errors import EXIT_USAGE, UserError
 from agent.lockfile import open_private, private_dir
 
 STATUS_NAME = "agent-status.json"
+AGENT_LOCK = "agent.lock"
 STALE_AFTER_SECONDS = 15.0  # several missed intervals: the agent is stuck
 
 
 @dataclass(frozen=True)
 class AgentStatus:
-    pid: int
-    pid_start_time: int  # tells a reused pid from the agent
+    pid: int  # in the agent's own pid namespace
     started_at: float  # wall clock
     updated_at: float
     attached_veths: int
@@ -59,12 +65,27 @@ def withdraw() -> None:
     status_path().unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def agent_presence() -> Iterator[None]:
+    """Held for the agent's life; a second agent is refused (two would fight over the veths)."""
+    fd = open_private(private_dir(RUN_DIR) / AGENT_LOCK, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            running = read_live()
+            holder = f" (pid {running.pid})" if running else ""
+            raise UserError(f"another egress-agent is running{holder}: stop it first", EXIT_USAGE) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def read_live() -> AgentStatus | None:
     """The status of a running agent, or None when none runs (a crashed one's file is ignored)."""
+    if not is_locked(RUN_DIR / AGENT_LOCK):
+        return None
     try:
-        status = AgentStatus(**json.loads(status_path().read_text()))
+        return AgentStatus(**json.loads(status_path().read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    if process_start_time(status.pid) != status.pid_start_time:
-        return None
-    return status

@@ -12,8 +12,6 @@ import socket
 import time
 from collections.abc import Iterable
 
-import numpy as np
-
 from agent.datapath import (
     Maps,
     check_privileges,
@@ -27,7 +25,6 @@ from agent.datapath import (
 from agent.datapath.headers import ensure_kernel_headers
 from agent.datapath.program import pinned_program_matches
 from agent.errors import EXIT_USAGE, UserError
-from agent.flows import flow_keys
 from agent.model import Container, FlowKey, Inventory
 from agent.policy import Resolver, Rule, RuleStore, StoreContents, lpm_entries, refresh_names, winning_rule
 
@@ -211,6 +208,10 @@ def _sync_if_attached(store: RuleStore, inventory: Inventory, veths: set[int]) -
 
 def flows_of(maps: Maps, container: Container) -> list[FlowKey]:
     """The container's flows in the flow table now (for --dry-run)."""
+    import numpy as np  # only here: the rule commands' fast path loads no numpy
+
+    from agent.flows import flow_keys
+
     read = maps.read_flows()
     veths = [ep.ifindex for ep in container.endpoints]
     return flow_keys(read.keys[np.isin(read.keys["ifindex"], veths)])

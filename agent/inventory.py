@@ -4,6 +4,11 @@ A container's interface and its host-side veth are a pair: the container's `eth0
 has IFLA_LINK == the host veth's ifindex. We read IFLA_LINK with netlink from a
 thread that entered the container's netns (sysfs would follow the mount ns and
 lie), and match interfaces to Docker networks by MAC address.
+
+The netns is entered through Docker's sandbox file (inspect's SandboxKey, a bind mount
+of the netns under /var/run/docker/netns): it needs no view of the host's processes (a
+Swarm task has no --pid host) and no CAP_SYS_PTRACE for containers of another uid.
+/proc/PID/ns/net is the fallback where that file is not visible (not bind-mounted).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 from agent.docker_api import DEFAULT_SOCKET, EngineClient, not_found
 from agent.errors import EXIT_DOCKER, EXIT_USAGE, UserError
 from agent.model import Container, Endpoint, Inventory
-from agent.netlink import IPRoute
+from agent.rtnl_dump import RtnlSocket
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +91,37 @@ def in_netns(netns_path: str, fn: Callable[[], Any]) -> Any:
     return outcome["value"]
 
 
-def _netns_links(pid: int) -> NetnsLinks:
-    """(name, mac, IFLA_LINK) of each interface in the process's netns that has a peer."""
+def is_netns(path: str) -> bool:
+    """A netns file (nsfs), not the empty file a sandbox's mount point is where the mount
+    did not propagate (a bind mount of /var/run/docker/netns without rslave)."""
+    try:
+        return os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev
+    except OSError:
+        return False
+
+
+def netns_file(info: dict[str, Any], usable: Callable[[str], bool] = is_netns) -> str | None:
+    """The file to enter a running container's netns by: its sandbox file when this
+    process sees that netns there, else its process's /proc entry, else None."""
+    sandbox = (info.get("NetworkSettings") or {}).get("SandboxKey") or ""
+    if sandbox and usable(sandbox):
+        return sandbox
+    pid = info["State"].get("Pid")
+    by_process = f"/proc/{pid}/ns/net"
+    return by_process if pid and usable(by_process) else None
+
+
+def _netns_links(netns: str) -> NetnsLinks:
+    """(name, mac, IFLA_LINK) of each interface in the netns that has a peer."""
 
     def read() -> NetnsLinks:
-        with IPRoute() as ipr:
-            links = []
-            for link in ipr.get_links():
-                # a peer in another netns: a veth (or macvlan/ipvlan, whose peer is no veth)
-                if link.get_attr("IFLA_LINK_NETNSID") is not None:
-                    peer = link.get_attr("IFLA_LINK") or 0
-                    links.append((link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_ADDRESS") or "", peer))
-            return links
+        with RtnlSocket() as rtnl:
+            # a peer in another netns: a veth (or macvlan/ipvlan, whose peer is no veth)
+            return [
+                (link.name, link.mac, link.peer_index) for link in rtnl.links() if link.peer_in_other_netns
+            ]
 
-    return in_netns(f"/proc/{pid}/ns/net", read)
+    return in_netns(netns, read)
 
 
 def bridge_name(network: dict[str, Any]) -> str:
@@ -116,9 +138,9 @@ class DockerInventory:
     def __init__(self, client: EngineClient):
         self.client = client  # or a docker.DockerClient: the same calls
         self._inspect_cache: dict[str, dict[str, Any]] = {}
-        # container id -> ((pid, netns inode), links, monotonic time to re-read by)
-        self._netns_cache: dict[str, tuple[tuple[int, int], NetnsLinks, float]] = {}
-        # pyroute2 decodes a 200-veth dump in ~60 ms: redone only when if_nameindex() changed
+        # container id -> ((netns path, netns inode), links, monotonic time to re-read by)
+        self._netns_cache: dict[str, tuple[tuple[str, int], NetnsLinks, float]] = {}
+        # a 200-veth dump, decoded: redone only when if_nameindex() changed
         self._host_interfaces: frozenset[tuple[int, str]] = frozenset()
         self._host_state: tuple[dict[int, tuple[str, str]], set[str]] = ({}, set())
 
@@ -133,7 +155,7 @@ class DockerInventory:
         cached = self._inspect_cache.get(container_id)
         if cached is None or _endpoint_ids(cached) != _endpoint_ids(listed):
             try:
-                cached = self.client.api.inspect_container(container_id)
+                cached = _cacheable(self.client.api.inspect_container(container_id))
             except Exception as exc:
                 if not_found(exc):
                     return None
@@ -273,18 +295,28 @@ class DockerInventory:
     ) -> NetnsLinks:
         """The container's netns links: cached while the netns is the same one and its links
         still give every bridged MAC a host veth that exists; else read by entering it."""
-        pid = info["State"]["Pid"]
-        identity = (pid, os.stat(f"/proc/{pid}/ns/net").st_ino)
+        netns = netns_file(info)
+        if netns is None:
+            raise FileNotFoundError("neither its sandbox file nor its /proc/PID/ns/net is visible")
+        identity = (netns, os.stat(netns).st_ino)
         cached = self._netns_cache.get(info["Id"])
         if cached is not None:
             cached_identity, links, reread_by = cached
             explained = {mac.lower() for _name, mac, peer in links if peer in host_links}
             if cached_identity == identity and macs <= explained and time.monotonic() < reread_by:
                 return links
-        links = _netns_links(pid)
+        links = _netns_links(netns)
         reread_by = time.monotonic() + NETNS_REREAD_SECONDS * random.uniform(0.5, 1.0)
         self._netns_cache[info["Id"]] = (identity, links, reread_by)
         return links
+
+
+def _cacheable(info: dict[str, Any]) -> dict[str, Any]:
+    """An inspect as the cache keeps it: HostConfig (half of its ~28 KB of Python objects) cut
+    to the network mode, Mounts and GraphDriver left out; whole, 200 of them held ~5 MB."""
+    kept = {key: value for key, value in info.items() if key not in ("Mounts", "GraphDriver")}
+    kept["HostConfig"] = {"NetworkMode": (info.get("HostConfig") or {}).get("NetworkMode", "")}
+    return kept
 
 
 def _endpoint_ids(container: dict[str, Any]) -> dict[str, str]:
@@ -299,16 +331,12 @@ def _host_interfaces() -> frozenset[tuple[int, str]]:
 
 def _host_links_and_addresses() -> tuple[dict[int, tuple[str, str]], set[str]]:
     """Host veths (ifindex -> (name, master bridge name)) and every host address."""
-    with IPRoute() as ipr:
-        links = ipr.get_links()
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
-        veths = {}
-        for link in links:
-            info = link.get_attr("IFLA_LINKINFO")
-            if info is not None and info.get_attr("IFLA_INFO_KIND") == "veth":
-                veths[link["index"]] = (names[link["index"]], names.get(link.get_attr("IFLA_MASTER"), ""))
-        addresses = {addr.get_attr("IFA_ADDRESS") for addr in ipr.get_addr()}
-    return veths, {a for a in addresses if a}
+    with RtnlSocket() as rtnl:
+        links = rtnl.links()
+        addresses = rtnl.addresses()
+    names = {link.index: link.name for link in links}
+    veths = {link.index: (link.name, names.get(link.master, "")) for link in links if link.kind == "veth"}
+    return veths, addresses
 
 
 def bridge_veths(bridges: frozenset[str]) -> dict[int, str]:

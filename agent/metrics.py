@@ -4,7 +4,9 @@ A custom collector builds every family from the latest state at scrape time inst
 mutating global metrics, so a removed container's series simply stop being produced
 once its grace has passed. Egress counters are the sum of each interval's per-flow
 deltas, kept here per container: the flow table's own counters restart when the LRU
-evicts a flow, a Prometheus counter must not. Labels are bounded by design: container
+evicts a flow, a Prometheus counter must not. Drops no rule decided (a veth held while
+unknown, a packet dropped unparsed) come from the per-veth counters, which go when the veth
+goes: they too are summed here as deltas between reads. Labels are bounded by design: container
 name and compose labels, protocol, destination kind, rule id; never a destination
 address, port or name (those stay in the flow records).
 """
@@ -14,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from agent.agent_status import AgentStatus
-from agent.datapath import RuleHits
+from agent.datapath import IfindexCounters, RuleHits
 from agent.errors import EXIT_USAGE, UserError
 from agent.latency import LatencyCounts
 from agent.model import Snapshot
@@ -37,6 +39,8 @@ CONTAINER_LABELS = ("container", "compose_project", "compose_service")  # "" whe
 PREFIX = "egress_top"
 
 SeriesKey = tuple[str, str, str]  # values of CONTAINER_LABELS
+# one veth's (held packets, held bytes, unparsed dropped packets, unparsed dropped bytes)
+UnjudgedDrops = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class AgentHealth:
     attach_latency: LatencyCounts
     # read at scrape time, not every interval: one map lookup per rule, and there may be 10,000
     read_rule_hits: Callable[[], Sequence[tuple[Rule, RuleHits]]] = tuple
+    # ifindex -> the veth's counters, cumulative while it exists; read at scrape time too
+    read_veth_counters: Callable[[], Mapping[int, IfindexCounters]] = dict
 
 
 @dataclass
@@ -54,6 +60,7 @@ class _ContainerSeries:
     # (proto, dst_kind) -> [bytes, packets] since the agent started
     egress: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     overflow_packets: int = 0  # past the container's flow share: in its totals, in no flow
+    unparsed_dropped: list[int] = field(default_factory=lambda: [0, 0])  # [packets, bytes]
     active_flows: int = 0
     gone_since: float | None = None  # monotonic time it was first missing from a Snapshot
 
@@ -72,10 +79,16 @@ class SnapshotMetrics:
         self._evictions = 0
         self._moved_events_lost = 0
         self._flows_restarted = 0
+        self._held = [0, 0]  # [packets, bytes] dropped on veths while unknown
+        self._veth_drops_seen: dict[int, UnjudgedDrops] | None = None  # None: not read yet
 
     def update(self, snapshot: Snapshot, health: AgentHealth) -> None:
         now = self._clock()
+        # the first interval's veth counters are the baseline: drops count from then on
+        baseline = health.read_veth_counters() if self._veth_drops_seen is None else None
         with self._lock:
+            if baseline is not None:
+                self._veth_drops_seen = {ifindex: _unjudged(c) for ifindex, c in baseline.items()}
             present: set[SeriesKey] = set()
             for stats in snapshot.stats:
                 c = stats.container
@@ -85,10 +98,10 @@ class SnapshotMetrics:
                 series.gone_since = None
                 series.active_flows = stats.active_flows
                 series.overflow_packets += stats.overflow_packets_delta
-                for flow in stats.flows:
-                    totals = series.egress.setdefault((flow.proto_name, str(flow.dst_kind)), [0, 0])
-                    totals[0] += flow.bytes_delta
-                    totals[1] += flow.packets_delta
+                for kind, (sent_bytes, packets) in stats.egress_by_kind().items():
+                    totals = series.egress.setdefault(kind, [0, 0])
+                    totals[0] += sent_bytes
+                    totals[1] += packets
             for key, series in self._series.items():
                 if key not in present and series.gone_since is None:
                     series.gone_since = now
@@ -115,13 +128,40 @@ class SnapshotMetrics:
             return []  # nothing polled yet: no series rather than made-up zeros
         snapshot, health = latest
         rule_hits = health.read_rule_hits()  # outside the lock: the loop need not wait for it
+        veth_counters = health.read_veth_counters()
         with self._lock:
+            self._add_unjudged_drops(snapshot, veth_counters)
             self._forget_removed(self._clock())
             return [
                 *self._container_families(),
                 *self._drop_families(rule_hits),
                 *self._health_families(snapshot, health),
             ]
+
+    def _add_unjudged_drops(self, snapshot: Snapshot, veth_counters: Mapping[int, IfindexCounters]) -> None:
+        """Each veth's growth since the last read: held drops to the agent's total (the veth
+        had no owner then), unparsed drops to the container that owns the veth now."""
+        owners = {
+            endpoint.ifindex: (c.name, c.compose_project or "", c.compose_service or "")
+            for c in (stats.container for stats in snapshot.stats)
+            for endpoint in c.endpoints
+        }
+        seen = self._veth_drops_seen or {}  # set by the first update, before any collect
+        now = {ifindex: _unjudged(counters) for ifindex, counters in veth_counters.items()}
+        for ifindex, counts in now.items():
+            before = seen.get(ifindex, (0, 0, 0, 0))
+            # smaller than before: the ifindex is a new veth's (or the datapath reloaded)
+            grown = [n - b for n, b in zip(counts, before, strict=True)]
+            held_packets, held_bytes, unparsed_packets, unparsed_bytes = (
+                counts if any(g < 0 for g in grown) else grown
+            )
+            self._held[0] += held_packets
+            self._held[1] += held_bytes
+            series = self._series.get(owners.get(ifindex, ("", "", "")))
+            if series is not None and (unparsed_packets or unparsed_bytes):
+                series.unparsed_dropped[0] += unparsed_packets
+                series.unparsed_dropped[1] += unparsed_bytes
+        self._veth_drops_seen = now
 
     def _container_families(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -147,13 +187,26 @@ class SnapshotMetrics:
             "Flows of the container that moved in the last interval.",
             labels=list(CONTAINER_LABELS),
         )
+        unparsed_packets = CounterMetricFamily(
+            f"{PREFIX}_container_unparsed_dropped_packets",
+            "Packets dropped because the container has rules and their transport header was out of reach.",
+            labels=list(CONTAINER_LABELS),
+        )
+        unparsed_bytes = CounterMetricFamily(
+            f"{PREFIX}_container_unparsed_dropped_bytes",
+            "Bytes of the packets counted in container_unparsed_dropped_packets.",
+            labels=list(CONTAINER_LABELS),
+        )
         for key, series in sorted(self._series.items()):
             active.add_metric(list(key), series.active_flows)
             overflow.add_metric(list(key), series.overflow_packets)
+            if any(series.unparsed_dropped):  # as egress: no series before the first such drop
+                unparsed_packets.add_metric(list(key), series.unparsed_dropped[0])
+                unparsed_bytes.add_metric(list(key), series.unparsed_dropped[1])
             for (proto, kind), (byte_count, packet_count) in sorted(series.egress.items()):
                 sent_bytes.add_metric([*key, proto, kind], byte_count)
                 sent_packets.add_metric([*key, proto, kind], packet_count)
-        yield from (sent_bytes, sent_packets, overflow, active)
+        yield from (sent_bytes, sent_packets, overflow, active, unparsed_packets, unparsed_bytes)
 
     def _drop_families(self, rule_hits: Sequence[tuple[Rule, RuleHits]]) -> Iterator[Metric]:
         """Drops by block rule, under the labels of the container the rule names (while it has
@@ -230,6 +283,25 @@ class SnapshotMetrics:
             value=len(status.not_enforced),
         )
         yield GaugeMetricFamily(f"{PREFIX}_rules", "Rules in the rule store.", value=status.rules)
+        yield CounterMetricFamily(
+            f"{PREFIX}_unknown_veth_held_packets",
+            "Packets dropped on veths not yet known to the agent (held closed while any rule exists).",
+            value=self._held[0],
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_unknown_veth_held_bytes",
+            "Bytes of the packets counted in unknown_veth_held_packets.",
+            value=self._held[1],
+        )
+
+
+def _unjudged(counters: IfindexCounters) -> UnjudgedDrops:
+    return (
+        counters.held_packets,
+        counters.held_bytes,
+        counters.unparsed_dropped_packets,
+        counters.unparsed_dropped_bytes,
+    )
 
 
 def _histogram(name: str, documentation: str, latency: LatencyCounts) -> HistogramMetricFamily:

@@ -155,6 +155,9 @@ class Flow:
         return PROTO_NAMES.get(self.key.proto, str(self.key.proto))
 
 
+EgressByKind = dict[tuple[str, str], tuple[int, int]]  # (proto name, dst kind) -> (bytes, packets)
+
+
 @dataclass
 class ContainerStats:
     """Per-container totals for one interval: one row of egress-top."""
@@ -172,6 +175,22 @@ class ContainerStats:
     flows: list[Flow] = field(default_factory=list)  # all of its flows, busiest first
     # bytes/s of the last intervals, oldest first, for the sparkline
     rate_history: tuple[float, ...] = ()
+    # this interval's egress by (protocol name, destination kind), as the flows layer sums it
+    # without building Flow objects; None (stats made by hand): summed from `flows`
+    egress: EgressByKind | None = None
+
+    def egress_by_kind(self) -> EgressByKind:
+        """(protocol name, destination kind) -> (bytes, packets) that moved this interval."""
+        if self.egress is not None:
+            return self.egress
+        sums: dict[tuple[str, str], tuple[int, int]] = {}
+        for flow in self.flows:
+            sent_bytes, packets = sums.get((flow.proto_name, str(flow.dst_kind)), (0, 0))
+            sums[flow.proto_name, str(flow.dst_kind)] = (
+                sent_bytes + flow.bytes_delta,
+                packets + flow.packets_delta,
+            )
+        return sums
 
 
 @dataclass(frozen=True)

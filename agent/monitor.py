@@ -14,6 +14,7 @@ that has no tag yet, so a lookup that loses the race costs a held packet, never 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -23,7 +24,6 @@ from dataclasses import replace
 
 from agent.agent_status import AgentStatus
 from agent.datapath import Datapath, RuleHits
-from agent.datapath.lifecycle import process_start_time
 from agent.docker_api import EngineClient
 from agent.enforcement import NAME_REFRESH_SECONDS, Enforcer
 from agent.enforcement_state import ContainerEnforcement, enforcement_states, not_enforced
@@ -66,6 +66,10 @@ class Monitor:
         self._lock = threading.Lock()  # _attached, _tagged and forgetting endpoint entries
         self._attach_lock = threading.Lock()  # one tc change at a time; never held by a tag
         self._lookups = ThreadPoolExecutor(OWNER_LOOKUP_THREADS, thread_name_prefix="veth-owner")
+        # The latest poll's enforcement states: status() reuses them, since reading which veths
+        # the datapath enforces walks the endpoint map (two syscalls a veth) and the status is
+        # published right after each poll.
+        self._polled_states: dict[str, ContainerEnforcement] | None = None
         self.watcher = InventoryWatcher(
             DockerInventory(client), on_link=self.on_link, on_change=self.sync, stats=self.retry_stats
         )
@@ -77,6 +81,10 @@ class Monitor:
     def start(self) -> Inventory:
         inventory = self.watcher.start()
         self.poll()  # baseline: the first interval's deltas start here
+        # What start-up made (modules, the inventory, the baseline) lives as long as the process:
+        # out of the collector's sight, a full collection walks only what the intervals make.
+        gc.collect()
+        gc.freeze()
         return inventory
 
     def stop(self) -> None:
@@ -167,7 +175,8 @@ class Monitor:
         self.enforcer.tick()
         read = self.table_reader.read(self.aggregator.full_read_wanted)
         snapshot = self.aggregator.update(read, self.inventory)
-        return replace(snapshot, not_enforced=tuple(not_enforced(self.enforcement())))
+        self._polled_states = self.enforcement()
+        return replace(snapshot, not_enforced=tuple(not_enforced(self._polled_states)))
 
     def rule_hits(self) -> list[tuple[Rule, RuleHits]]:
         """Each rule with the datapath's cumulative hit counters (for /metrics)."""
@@ -175,15 +184,14 @@ class Monitor:
         return [(rule, hits[rule.rule_id]) for rule in self.enforcer.contents.rules if rule.rule_id in hits]
 
     def status(self) -> AgentStatus:
-        """For the status file: what `egress-agent status` prints."""
-        states = self.enforcement()
+        """For the status file: what `egress-agent status` prints, as of the latest poll."""
+        states = self.enforcement() if self._polled_states is None else self._polled_states
         rules = self.enforcer.contents.rules
         enforced = {name for name, state in states.items() if state.state == "enforced"}
         with self._lock:
             attached = set(self._attached)
         return AgentStatus(
             pid=os.getpid(),
-            pid_start_time=process_start_time(os.getpid()) or 0,
             started_at=self.started_at,
             updated_at=time.time(),
             attached_veths=len(attached),

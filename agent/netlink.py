@@ -5,6 +5,10 @@
 without running its __init__ makes `pyroute2.iproute` cost ~65 ms. Anything that later
 asks the package for a public name (`from pyroute2 import NDB`) still gets it: the
 first such lookup runs the real __init__ in the same module object.
+
+pyroute2.lab (a hook that turns IPRoute's methods into mocks for pyroute2's own tests)
+imports unittest.mock, and with it asyncio and ssl: 52 modules, ~7 MB of a long-running
+agent's RSS. It is registered here as what it is when mocking is off: a plain base class.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import types
 
 
 def _register_package_without_init() -> None:
@@ -33,7 +38,22 @@ def _register_package_without_init() -> None:
     sys.modules["pyroute2"] = package
 
 
+class _NoMockLab:
+    """pyroute2.lab.LAB_API with use_mock False: adds nothing to IPRoute."""
+
+
+def _register_lab_without_mock() -> None:
+    if "pyroute2.lab" in sys.modules:
+        return
+    lab = types.ModuleType("pyroute2.lab", "pyroute2's test-mock hook, off (agent/netlink.py)")
+    lab.LAB_API = _NoMockLab  # type: ignore[attr-defined]
+    lab.registry = []  # type: ignore[attr-defined]
+    lab.use_mock = False  # type: ignore[attr-defined]
+    sys.modules["pyroute2.lab"] = lab
+
+
 _register_package_without_init()
+_register_lab_without_mock()
 
 from pyroute2.iproute.linux import IPRoute  # noqa: E402
 from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402

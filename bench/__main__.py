@@ -48,10 +48,15 @@ def parse_arguments() -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def private_rule_store() -> Iterator[None]:
-    """egress-block and the agent keep rules under EGRESS_TOP_STATE_DIR: never the real store."""
-    with tempfile.TemporaryDirectory(prefix="ettb-state-") as state:
+def private_state() -> Iterator[None]:
+    """egress-block and the agent keep rules under EGRESS_TOP_STATE_DIR, the loader its
+    compiled programs under EGRESS_TOP_PROGRAM_CACHE: never the machine's own."""
+    with (
+        tempfile.TemporaryDirectory(prefix="ettb-state-") as state,
+        tempfile.TemporaryDirectory(prefix="ettb-program-cache-") as cache,
+    ):
         os.environ["EGRESS_TOP_STATE_DIR"] = state
+        os.environ["EGRESS_TOP_PROGRAM_CACHE"] = cache
         yield
 
 
@@ -99,7 +104,7 @@ def main() -> None:
     results = Results(args.results, {"started": started_at, "profile": settings.name})
     exit_on_signals()
     started, durations = time.monotonic(), {}
-    with machine_lock(), private_rule_store(), environment() as env:
+    with machine_lock(), private_state(), environment() as env:
         for name, step in steps(env, settings, results, set(args.only)).items():
             progress(f"--- {name}")
             step_started = time.monotonic()

@@ -1,19 +1,19 @@
-"""The agent at work: `egress-agent run -i 1` beside real sleeping containers, its CPU and
-memory sampled every second for the whole run, in three phases:
+"""The agent at work: `egress-agent run -i 1` (a refresh every second) beside real sleeping
+containers, its CPU and memory sampled every second for the whole run, in two phases:
 
 - idle: an empty flow table;
-- synthetic: `agent_flows` flows written straight into its map by a thread of the bench,
-  1% of them moved by that thread each second (fast to set up, but the datapath wrote none
-  of it: the timestamps are the bench's);
-- real: as many flows created by real datagrams from the containers (the datapath's own
-  entries and timestamps), 1% of them sent again each second by real datagrams.
+- real: `agent_flows` flows created by real UDP datagrams from the containers (the
+  datapath's own entries, timestamps and moved-flow announcements), 1% of them sent again
+  each second by real datagrams.
+
+Nothing is written into the agent's maps by the bench: a flow the datapath did not create
+costs the agent differently (it never announces a move), so it would measure something else.
+`python -m bench --only agent` runs this alone (bench/results/agent_cost.json, agent_cost.png).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import ctypes
 import itertools
 import subprocess
 import threading
@@ -22,14 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from bcc.libbcc import lib
-
 from agent.datapath import DEFAULT_FLOW_TABLE_SIZE, Maps, our_filters
-from bench.common import BIN, Results, Settings, progress, spread
-from bench.control_plane import fill, move, synthetic_flows
+from bench.agent_process import AgentFailed, AgentProcess, start_agent
+from bench.common import Results, Settings, progress, spread, wait_until
 from bench.environment import UPSTREAM_SERVER, Environment
 from bench.per_packet import sender_command
+from bench.plots import plot_agent
 
 CONTAINER_START_BUDGET = 150.0  # seconds: fewer containers rather than a bench run of an hour
 REAL_SENDERS = 10  # containers the real flows come from
@@ -37,7 +35,6 @@ PORTS_PER_SOCKET = 50_000
 MOVING_EVERY = 100  # 1% of the flows move each second
 FLOW_SHARE_DIVISOR = 8  # a veth's default new flows per epoch: the table size / 8 (bpf/egress.c)
 SETTLE_SECONDS = 3.0  # before a phase: past start-up, past the first refreshes of a new table
-PHASE_COLOURS = {"idle": "grey", "synthetic": "tab:blue", "real": "tab:green"}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -53,50 +50,6 @@ def memory_mb(pid: int) -> dict[str, float]:
         if name in wanted:
             memory[name] = int(value.split()[0]) / 1024
     return memory
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
-
-
-class AgentProcess:
-    """`egress-agent run -i 1`, returned once it says it is ready."""
-
-    def __init__(self, *extra: str, interval: float = 1.0):
-        self.proc = subprocess.Popen(
-            [str(BIN / "egress-agent"), "run", "-i", str(interval), *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stderr is not None
-        self.last_lines: collections.deque[str] = collections.deque(maxlen=20)
-        for line in self.proc.stderr:
-            self.last_lines.append(line)
-            if "ready" in line:
-                break
-        else:
-            said = "".join(self.last_lines).strip()[-2000:]
-            raise RuntimeError(f"egress-agent exited before it was ready (exit {self.proc.wait()}): {said}")
-        threading.Thread(target=self.last_lines.extend, args=(self.proc.stderr,), daemon=True).start()
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            said = "".join(self.last_lines).strip()[-2000:]
-            raise RuntimeError(f"egress-agent exited ({self.proc.returncode}) during the benchmark: {said}")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: a clean stop
-            self.proc.wait(timeout=60)
 
 
 class Sampler(threading.Thread):
@@ -120,7 +73,7 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.is_set() and self.agent.proc.poll() is None:
-            with contextlib.suppress(RuntimeError, OSError):  # phase() reports a dead agent
+            with contextlib.suppress(AgentFailed, OSError):  # phase() reports a dead agent
                 self.sample()
             self.stopping.wait(1.0)
 
@@ -166,14 +119,6 @@ def start_containers(env: Environment, wanted: int) -> tuple[list[Any], float]:
     return containers, time.monotonic() - started
 
 
-def remove_flows(maps: Maps, keys: np.ndarray) -> None:
-    """BPF_MAP_DELETE_BATCH: the synthetic flows out before the real ones come in."""
-    keys = np.ascontiguousarray(keys)
-    count = ctypes.c_uint32(len(keys))
-    if lib.bpf_delete_batch(maps.flows.fd, keys.ctypes.data, ctypes.byref(count)) != 0:
-        raise OSError(ctypes.get_errno(), "BPF_MAP_DELETE_BATCH on the flow table")
-
-
 @dataclass(frozen=True)
 class RealFlows:
     """`flows` flows from up to REAL_SENDERS containers: sockets x ports each."""
@@ -197,6 +142,11 @@ class RealFlows:
     @property
     def created(self) -> int:
         return len(self.pids) * self.sockets * self.ports
+
+    @property
+    def moving(self) -> int:
+        """Flows keep_moving() sends a datagram on each second."""
+        return len(self.pids) * self.sockets * -(-self.ports // MOVING_EVERY)
 
     def create(self) -> None:
         if self.per_sender > self.share:  # the noisy-neighbour guard would take the rest
@@ -227,65 +177,42 @@ def agent_cost(env: Environment, settings: Settings, results: Results) -> Path:
     containers, start_seconds = start_containers(env, settings.agent_containers)
     progress(f"agent: {len(containers)} containers started in {start_seconds:.0f} s")
     veths = list(env.veth_ifindexes(containers).values())
-    flows = settings.agent_flows
     # LRU headroom (the map evicts before it is full), and room for each real sender's flows
-    table_size = max(2 * flows, DEFAULT_FLOW_TABLE_SIZE)
-    agent = AgentProcess("--flow-table-size", str(table_size))
+    table_size = max(2 * settings.agent_flows, DEFAULT_FLOW_TABLE_SIZE)
+    agent = start_agent("-i", "1", "--flow-table-size", str(table_size))
     env.teardown.add("egress-agent", agent.stop)
     sampler = Sampler(agent)
     sampler.start()
-    stop_moving = threading.Event()
     movers: list[subprocess.Popen[bytes]] = []
-    settle = SETTLE_SECONDS
     maps = Maps()
     try:
         wait_until(lambda: set(veths) <= set(our_filters()), 60, "the agent to attach to every container")
-        time.sleep(settle)
+        time.sleep(SETTLE_SECONDS)
         idle = sampler.phase("idle", settings.agent_seconds / 3)
 
-        keys, stats = synthetic_flows(flows, veths)
-        fill(maps, keys, stats)
-
-        def move_one_percent() -> None:
-            while not stop_moving.wait(1.0):
-                move(stats, MOVING_EVERY, time.clock_gettime_ns(time.CLOCK_MONOTONIC))
-                fill(maps, keys[::MOVING_EVERY], stats[::MOVING_EVERY])
-
-        mover = threading.Thread(target=move_one_percent, daemon=True)
-        mover.start()
-        time.sleep(settle)
-        synthetic = sampler.phase("synthetic", settings.agent_seconds)
-        stop_moving.set()
-        mover.join()
-        synthetic_in_table = len(maps.read_flows().keys)
-        remove_flows(maps, keys)
-
         senders = [env.pid(c) for c in containers[:REAL_SENDERS]]
-        real = RealFlows(senders, flows, share=table_size // FLOW_SHARE_DIVISOR)
+        real = RealFlows(senders, settings.agent_flows, share=table_size // FLOW_SHARE_DIVISOR)
         real.create()
         real_in_table = flows_to_upstream(maps)
-        movers = real.keep_moving(settle + settings.agent_seconds)
-        time.sleep(settle)
+        movers = real.keep_moving(SETTLE_SECONDS + settings.agent_seconds)
+        time.sleep(SETTLE_SECONDS)
         real_phase = sampler.phase("real", settings.agent_seconds)
     finally:
-        stop_moving.set()
         for process in movers:
             process.kill()
             process.wait()
         maps.close()
         sampler.stop()
-        agent.stop()
+        agent.stop(timeout=60)
     env.remove_containers()
     result = {
         "containers": len(containers),
         "containers_wanted": settings.agent_containers,
         "container_start_seconds": start_seconds,
-        "flows": synthetic_in_table,
-        "flows_moving_per_second": flows // MOVING_EVERY,
+        "flows_moving_per_second": real.moving,
         "flow_table_size": table_size,
         "real_flows": {"created": real.created, "in_table": real_in_table, "senders": len(real.pids)},
         "idle": idle,
-        "loaded": synthetic,
         "real": real_phase,
         "phases": sampler.phases,
         "series": sampler.series(),
@@ -293,39 +220,4 @@ def agent_cost(env: Environment, settings: Settings, results: Results) -> Path:
     }
     path = results.write("agent_cost", result)
     plot_agent(result, results.directory)
-    return path
-
-
-def plot_agent(result: dict[str, Any], directory: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = result["series"]
-    times = [s["t"] for s in series]
-    figure, (memory, cpu) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-    for name in ("VmRSS_mb", "RssAnon_mb", "RssFile_mb"):
-        memory.plot(times, [s.get(name, 0) for s in series], label=name.removesuffix("_mb"))
-    memory.set_ylim(bottom=0)
-    memory.set_ylabel("MB")
-    memory.legend(loc="upper left")
-    cpu.plot(times, [s["cpu_percent"] for s in series], color="tab:red")
-    cpu.set_ylabel("CPU, % of one core")
-    cpu.set_xlabel("seconds since the agent was ready")
-    for axis in (memory, cpu):
-        for name, (begin, end) in result["phases"].items():
-            axis.axvspan(
-                begin, end, alpha=0.12, color={"idle": "grey", "synthetic": "blue"}.get(name, "green")
-            )
-            axis.text(begin, axis.get_ylim()[1] * 0.92, f" {name}", fontsize=8)
-    figure.suptitle(
-        f"{result['command']}, {result['containers']} containers, {result['flows']:,} flows, 1% moving "
-        "each second\nsynthetic: written into the map by the bench; real: sent by the containers",
-        fontsize=9,
-    )
-    figure.tight_layout()
-    path = directory / "agent_cost.png"
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path

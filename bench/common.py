@@ -8,8 +8,9 @@ import json
 import os
 import statistics
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ class Settings:
     seconds: int  # one iperf3 run (iperf3 counts whole seconds)
     rule_counts: tuple[int, ...]  # for the scaling curve; the datapath-cost rule count is among them
     cost_rules: int  # (c), (d), (e) of the datapath cost
+    udp_ab_rounds: int  # alternating 1 s UDP 64 B rounds: no program, control, trivial, ours
     flow_counts: tuple[int, ...]
     refresh_repetitions: int
     agent_containers: int
@@ -39,68 +41,43 @@ class Settings:
     cold_starts: int
 
 
-FULL = Settings(
-    name="full",
-    repetitions=5,
-    seconds=2,
-    rule_counts=(0, 100, 1_000, 10_000, 100_000),
-    cost_rules=10_000,
-    flow_counts=(1_000, 10_000, 100_000, 1_000_000),
-    refresh_repetitions=5,
-    agent_containers=200,
-    agent_flows=100_000,
-    agent_seconds=30.0,
-    per_packet_datagrams=300_000,
-    attach_tries=300,
-    block_tries=50,
-    cold_starts=5,
-)
-QUICK = Settings(
-    name="quick",
-    repetitions=3,
-    seconds=1,
-    rule_counts=(0, 10_000),
-    cost_rules=10_000,
-    flow_counts=(10_000, 100_000),
-    refresh_repetitions=3,
-    agent_containers=10,
-    agent_flows=100_000,
-    agent_seconds=3.0,
-    per_packet_datagrams=200_000,
-    attach_tries=4,
-    block_tries=4,
-    cold_starts=1,
-)
-SMOKE = Settings(
-    name="smoke",
-    repetitions=1,
-    seconds=1,
-    rule_counts=(0, 10_000),  # the full run's rule count: the regression check compares like with like
-    cost_rules=10_000,
-    flow_counts=(1_000,),
-    refresh_repetitions=1,
-    agent_containers=2,
-    agent_flows=1_000,
-    agent_seconds=2.0,
-    per_packet_datagrams=50_000,
-    attach_tries=2,
-    block_tries=2,
-    cold_starts=1,
-)
-PROFILES = {s.name: s for s in (FULL, QUICK, SMOKE)}
-
-
-def settings_dict(settings: Settings) -> dict[str, Any]:
-    return asdict(settings)
+# One row a setting, one column a profile: what quick and smoke change is read across.
+PROFILE_NAMES = ("full", "quick", "smoke")
+PROFILE_VALUES: dict[str, tuple[Any, Any, Any]] = {
+    "repetitions": (5, 3, 1),
+    "seconds": (2, 1, 1),
+    # smoke keeps the full run's rule count: the regression check compares like with like
+    "rule_counts": ((0, 100, 1_000, 10_000, 100_000), (0, 10_000), (0, 10_000)),
+    "cost_rules": (10_000, 10_000, 10_000),
+    "udp_ab_rounds": (30, 8, 3),
+    "flow_counts": ((1_000, 10_000, 100_000, 1_000_000), (10_000, 100_000), (1_000,)),
+    "refresh_repetitions": (5, 3, 1),
+    "agent_containers": (200, 10, 2),
+    "agent_flows": (100_000, 100_000, 1_000),
+    "agent_seconds": (30.0, 3.0, 2.0),
+    "per_packet_datagrams": (300_000, 200_000, 50_000),
+    "attach_tries": (300, 4, 2),
+    "block_tries": (50, 4, 2),
+    "cold_starts": (5, 1, 1),
+}
+PROFILES = {
+    name: Settings(name=name, **{field: values[column] for field, values in PROFILE_VALUES.items()})
+    for column, name in enumerate(PROFILE_NAMES)
+}
+FULL, QUICK, SMOKE = (PROFILES[name] for name in PROFILE_NAMES)
 
 
 # --- statistics -------------------------------------------------------------------------
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
-    """Median and min-max: what every figure is reported with."""
+    """Median, quartiles (p25-p75: the middle half) and min-max: what every figure is
+    reported with."""
+    quartiles = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
     return {
         "median": statistics.median(values),
+        "p25": quartiles[0],
+        "p75": quartiles[2],
         "min": min(values),
         "max": max(values),
         "n": len(values),
@@ -147,6 +124,14 @@ class Results:
 
 def progress(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
 
 
 # --- the machine lock ---------------------------------------------------------------------

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import docker
@@ -29,6 +28,7 @@ import docker.errors
 from docker.models.containers import Container
 
 from agent.datapath import cleanup_everything, our_filters, pins_exist
+from agent.datapath.lifecycle import exclusive, live_holders
 from agent.inventory import DockerInventory
 from bench.common import progress
 
@@ -276,10 +276,11 @@ def remove_leftovers(client: docker.DockerClient) -> None:
 
 def refuse_if_busy() -> None:
     """Another egress-top or agent would fight us over the veths and the maps."""
-    holders = Path("/run/egress-top/holders")
-    live = [p.name for p in holders.glob("*") if Path(f"/proc/{p.name}").exists()] if holders.exists() else []
+    with exclusive():
+        live = live_holders()
     if live:
-        raise SystemExit(f"bench: egress-top/egress-agent running (pids {', '.join(live)}): stop it first")
+        pids = ", ".join(name.partition("-")[0] for name in live)
+        raise SystemExit(f"bench: egress-top/egress-agent running (pids {pids}): stop it first")
     if our_filters() or pins_exist():
         progress("removing filters and pins of ours left by an earlier run")
         cleanup_everything()

@@ -11,6 +11,9 @@ running and one pending rule in a private store (so the hold is on):
   -> the first one the upstream receiver got (both CLOCK_MONOTONIC);
 - held packets: what the datapath held on the veth (held_packets), at one per ms sent.
 The container's own command sends one datagram per millisecond from its first instant.
+First, with the same agent and no rule at all (so nothing is held), the 50 starts of
+bench.latency's attach measurement: each container pings from its first instant, and
+every ping it sent must be in its flow (no packet missed).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import signal
 import struct
 import subprocess
 import sys
@@ -29,10 +31,20 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from agent.agent_status import read_live
-from agent.datapath import open_pinned_maps
+from agent.datapath import Maps, open_pinned_maps
+from agent.datapath.maps import CONFIG_F_HOLD_UNKNOWN
+from bench.agent_process import start_agent
 from bench.common import Results, latency_summary, machine_lock, progress
-from bench.environment import HOST_PYTHON, NETWORK_BRIDGE, NETWORK_NAME, PREFIX, UPSTREAM_NETNS, environment
+from bench.environment import (
+    HOST_PYTHON,
+    NETWORK_BRIDGE,
+    NETWORK_NAME,
+    PREFIX,
+    UPSTREAM_NETNS,
+    Environment,
+    environment,
+)
+from bench.latency import attach_latency
 
 STARTS = 50
 PORT = 7300
@@ -147,6 +159,9 @@ def measure() -> dict[str, object]:
     subprocess.run(["gcc", "-O2", "-static", "-o", str(sender), str(SENDER_SOURCE)], check=True)
     os.environ["EGRESS_TOP_STATE_DIR"] = str(scratch / "state")
     with environment() as env:
+        agent = start_agent("-i", "0.5")
+        env.teardown.add("egress-agent", agent.stop)
+        without_rules = _starts_without_rules(env)
         rule = subprocess.run(
             [str(BIN / "egress-block"), "--pending", f"{PREFIX}-never-started", "198.18.0.7"],
             capture_output=True,
@@ -154,17 +169,14 @@ def measure() -> dict[str, object]:
         )
         if rule.returncode != 0:
             raise SystemExit(f"bench: the pending rule that turns the hold on failed: {rule.stderr.strip()}")
-        agent = subprocess.Popen([str(BIN / "egress-agent"), "run", "-i", "0.5"], stderr=subprocess.DEVNULL)
-        env.teardown.add("agent", lambda: (agent.send_signal(signal.SIGTERM), agent.wait(timeout=15)))
+        if not _hold_is_on():
+            raise SystemExit("bench: a rule is in the store, yet the datapath holds no unknown veth")
         arrivals = scratch / "arrivals.json"
         receiver_args = [UPSTREAM_ADDRESS, str(PORT), str(arrivals), "600"]
         receiver = subprocess.Popen(
             ["ip", "netns", "exec", UPSTREAM_NETNS, HOST_PYTHON, "-c", _RECEIVER, *receiver_args]
         )
         env.teardown.add("receiver", receiver.kill)
-        deadline = time.monotonic() + 60
-        while read_live() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
         watch = LinkWatch()
         watch.start()
         first_packet_ms: list[float] = []
@@ -197,6 +209,7 @@ def measure() -> dict[str, object]:
     identify = list(watch.identify_ms.values())
     return {
         "starts": STARTS,
+        "without_rules": without_rules,
         "identify_ms": latency_summary(identify),
         "first_packet_held_ms": latency_summary(first_packet_ms),
         "held_packets": latency_summary(held_packets),
@@ -207,11 +220,32 @@ def measure() -> dict[str, object]:
     }
 
 
+def _hold_is_on() -> bool:
+    maps = Maps()  # the agent's pins: it made them before it said it is ready
+    try:
+        return bool(maps.config.flags & CONFIG_F_HOLD_UNKNOWN)
+    finally:
+        maps.close()
+
+
+def _starts_without_rules(env: Environment) -> dict[str, object]:
+    """bench.latency's attach measurement over STARTS starts, with no rule in the store."""
+    if _hold_is_on():
+        raise SystemExit("bench: the datapath holds unknown veths with no rule in the store")
+    maps = Maps()
+    try:
+        return attach_latency(env, maps, STARTS)
+    finally:
+        maps.close()
+
+
 def main() -> None:
     with machine_lock():
         data = measure()
     path = Results(RESULTS).write("hold", data)
     progress(f"wrote {path}: {json.dumps({k: data[k] for k in ('identify_ms', 'first_packet_held_ms')})}")
+    attach = data["without_rules"]
+    progress(f"no rule: no packet missed in {attach['tries_with_no_packet_missed']}/{attach['tries']} starts")  # type: ignore[index]
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from agent.datapath import FLOW_KEY_DTYPE, Maps, our_filters
-from bench.agent_cost import AgentProcess, wait_until
-from bench.common import BIN, Results, Settings, latency_summary, progress, spread
+from bench.agent_process import start_agent
+from bench.common import BIN, Results, Settings, latency_summary, progress, spread, wait_until
 from bench.environment import (
     HOST_PYTHON,
     UPSTREAM_BLOCKED,
@@ -286,7 +286,7 @@ def block_latency(env: Environment, maps: Maps, tries: int) -> dict[str, Any]:
 
 
 def latencies(env: Environment, settings: Settings, results: Results) -> Path:
-    agent = AgentProcess()
+    agent = start_agent("-i", "1")
     env.teardown.add("egress-agent", agent.stop)
     maps = Maps()
     try:

@@ -11,299 +11,28 @@ leave through the container's eth0 and its host-side veth, where our program sit
 Client and server are pinned to CPUs 0 and 1 (iperf3 -A 0,1): the sender's CPU then
 does all of the forwarding (veth, bridge, our program or the firewall, NAT), which
 keeps the runs comparable on this 2-core machine. After the rounds, each scenario with a
-BPF program gets one more run with the kernel's BPF statistics on, and the per-packet
-cost against the trivial program is measured (bench/per_packet.py).
+BPF program gets one more run with the kernel's BPF statistics on, the UDP 64 B A/B
+rounds run (bench/udp_ab.py: many short paired rounds, for the one target whose gap is
+smaller than these rounds' noise), and the per-packet cost against the trivial program is
+measured (bench/per_packet.py). The scenarios are in bench/scenarios.py, iperf3 in
+bench/iperf.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
-import json
-import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.datapath import Datapath, detach, open_datapath
-from agent.policy import POLICY_ALLOW, POLICY_DROP, LpmEntry
-from bench.bpf_stats import TrivialProgram, attached_program_id, cost, program_counters, statistics_enabled
+from agent.datapath import Datapath, open_datapath
+from bench.bpf_stats import attached_program_id, cost, program_counters, statistics_enabled
 from bench.common import Results, Settings, progress, spread
-from bench.environment import (
-    IPTABLES_HOOK_CHAIN,
-    NETWORK_BRIDGE,
-    NFT_TABLE,
-    UPSTREAM_NETNS,
-    UPSTREAM_SERVER,
-    Environment,
-    netns_exec,
-    sh,
-)
+from bench.environment import Environment
+from bench.iperf import TCP_1_STREAM, TCP_4_STREAMS, UDP_64B, Iperf, Measure, MeasurementFailed
 from bench.per_packet import per_packet_cost
-
-# Rule contents only, never a destination: shared address space (RFC 6598).
-NON_MATCHING = ipaddress.IPv4Network("100.64.0.0/10")
-BENCH_SLOT = 4242  # policy slot of the client's veth; the rule store is not involved
-IPERF_PORT = 5201
-BASELINE = "no program"
-CONTROL = "no program (control)"
-
-
-def non_matching_addresses(count: int) -> list[ipaddress.IPv4Address]:
-    first = int(NON_MATCHING.network_address)
-    return [ipaddress.IPv4Address(first + n) for n in range(count)]
-
-
-# --- what sits in the container's path --------------------------------------------------
-
-
-class Scenario:
-    """One configuration of the packet path. load() once (rules can be slow to write),
-    setup()/teardown() around each turn, unload() at the end."""
-
-    kind = "baseline"
-
-    def __init__(self, rules: int = 0, name: str = BASELINE):
-        self.rules = rules
-        self.name = name
-
-    def load(self) -> None:
-        pass
-
-    def setup(self) -> None:
-        pass
-
-    def teardown(self) -> None:
-        pass
-
-    def unload(self) -> None:
-        pass
-
-
-class EgressTop(Scenario):
-    """Our program on the client's veth; with rules, the veth is tagged as having policy
-    and the trie holds exactly `rules` non-matching /32s (half block, half allow) for
-    its slot, so every packet pays the three LPM lookups."""
-
-    kind = "egress-top"
-
-    def __init__(self, datapath: Datapath, ifindex: int, rules: int):
-        super().__init__(rules, f"egress-top, {rules:,} rules" if rules else "egress-top counting")
-        self.datapath, self.ifindex = datapath, ifindex
-        self.entries = [
-            (entry.key_bytes(), entry.value_bytes())
-            for entry in (
-                LpmEntry(4, BENCH_SLOT, 0, 0, address.packed, 32, n + 1, (POLICY_DROP, POLICY_ALLOW)[n % 2])
-                for n, address in enumerate(non_matching_addresses(rules))
-            )
-        ]
-        self.policy_write_seconds: list[float] = []
-
-    def setup(self) -> None:
-        if self.rules:
-            started = time.perf_counter()
-            self.datapath.sync_policy(self.entries)  # only this scenario's rules: a trie of `rules`
-            self.policy_write_seconds.append(time.perf_counter() - started)
-        self.datapath.set_endpoint(self.ifindex, BENCH_SLOT, has_policy=bool(self.rules))
-        self.datapath.attach(self.ifindex)
-
-    def teardown(self) -> None:
-        detach(self.ifindex)
-        self.datapath.set_endpoint(self.ifindex, BENCH_SLOT, has_policy=False)
-
-    def unload(self) -> None:
-        self.datapath.sync_policy([])
-
-
-class Trivial(Scenario):
-    """`return TC_ACT_OK` where our program goes: the floor a tc program costs."""
-
-    kind = "trivial"
-
-    def __init__(self, ifindex: int):
-        super().__init__(0, "trivial tc program")
-        self.ifindex = ifindex
-        self.program: TrivialProgram | None = None
-
-    def load(self) -> None:
-        self.program = TrivialProgram()
-
-    def setup(self) -> None:
-        assert self.program is not None
-        self.program.attach(self.ifindex)
-
-    def teardown(self) -> None:
-        TrivialProgram.detach(self.ifindex)
-
-    def unload(self) -> None:
-        if self.program is not None:
-            self.program.close()
-
-
-class Iptables(Scenario):
-    """`rules` non-matching rules (half DROP, half ACCEPT) in a chain of our own, jumped to
-    from DOCKER-USER for the container bridge's traffic: what a firewall-based tool does."""
-
-    kind = "iptables"
-
-    def __init__(self, rules: int):
-        super().__init__(rules, f"iptables, {rules:,} rules")
-        self.chain = f"ettb-r{rules}"
-
-    def load(self) -> None:
-        targets = ("DROP", "ACCEPT")
-        lines = [
-            "*filter",
-            f":{self.chain} - [0:0]",
-            *(
-                f"-A {self.chain} -d {address}/32 -j {targets[n % 2]}"
-                for n, address in enumerate(non_matching_addresses(self.rules))
-            ),
-            "COMMIT",
-            "",
-        ]
-        sh("iptables-restore", "--noflush", stdin="\n".join(lines), timeout=600)
-
-    def setup(self) -> None:
-        sh("iptables", "-I", IPTABLES_HOOK_CHAIN, "1", "-i", NETWORK_BRIDGE, "-j", self.chain)
-
-    def teardown(self) -> None:
-        # by position (by value, iptables-nft would fetch the whole 100k-rule ruleset)
-        first = sh("iptables", "-S", IPTABLES_HOOK_CHAIN, "1")
-        if f"-j {self.chain}" in first:
-            sh("iptables", "-D", IPTABLES_HOOK_CHAIN, "1")
-
-    def unload(self) -> None:
-        sh("iptables", "-F", self.chain)
-        sh("iptables", "-X", self.chain)
-
-
-class NftSet(Scenario):
-    """`rules` addresses in an nftables set, one rule `ip daddr @set drop` in a chain on
-    the forward hook: the way to do it with the kernel's own firewall."""
-
-    kind = "nftables"
-
-    def __init__(self, rules: int):
-        super().__init__(rules, f"nftables set, {rules:,} elements")
-        self.set = f"r{rules}"
-
-    def load(self) -> None:
-        elements = ", ".join(map(str, non_matching_addresses(self.rules)))
-        body = f"elements = {{ {elements} }}" if elements else ""
-        sh(
-            "nft",
-            "-f",
-            "-",
-            stdin=f"table inet {NFT_TABLE} {{\n set {self.set} {{ type ipv4_addr; {body} }}\n}}\n",
-        )
-
-    def setup(self) -> None:
-        sh(
-            "nft",
-            "-f",
-            "-",
-            stdin=f"add chain inet {NFT_TABLE} forward {{ type filter hook forward priority 0; }}\n"
-            f"add rule inet {NFT_TABLE} forward ip daddr @{self.set} drop\n",
-        )
-
-    def teardown(self) -> None:
-        sh("nft", "delete", "chain", "inet", NFT_TABLE, "forward")
-
-    def unload(self) -> None:
-        sh("nft", "delete", "set", "inet", NFT_TABLE, self.set)
-
-
-# --- iperf3 -----------------------------------------------------------------------------
-
-
-class MeasurementFailed(Exception):
-    """A run that produced no figure."""
-
-
-@dataclass(frozen=True)
-class Measure:
-    name: str
-    iperf_args: tuple[str, ...]
-    primary: str  # the metric the ratios are about
-
-    def parse(self, report: dict[str, Any]) -> dict[str, float]:
-        end = report["end"]
-        if self.primary == "bits_per_second":
-            return {
-                "bits_per_second": float(end["sum_received"]["bits_per_second"]),
-                "retransmits": float(end["sum_sent"].get("retransmits", 0)),
-            }
-        received = end["sum_received"]  # the server's count, as the client got it back
-        delivered = received["packets"] - received["lost_packets"]
-        return {
-            "packets_per_second": delivered / received["seconds"],
-            "sent_packets_per_second": received["packets"] / received["seconds"],
-            "loss_percent": float(received["lost_percent"]),
-        }
-
-
-TCP_1_STREAM = Measure("tcp_1_stream", ("-P", "1"), "bits_per_second")
-TCP_4_STREAMS = Measure("tcp_4_streams", ("-P", "4"), "bits_per_second")
-UDP_64B = Measure("udp_64B", ("-u", "-l", "64", "-b", "0"), "packets_per_second")
-
-
-class Iperf:
-    """An iperf3 server in the upstream netns, and the client in the container's netns."""
-
-    def __init__(self, env: Environment, client_pid: int, seconds: int):
-        self.client_pid = client_pid
-        self.seconds = seconds
-        self.server: subprocess.Popen[bytes] | None = None
-        env.teardown.add("iperf3 server", self.stop_server)
-        self.start_server()
-
-    def start_server(self) -> None:
-        server = ["iperf3", "-s", "-B", UPSTREAM_SERVER, "-p", str(IPERF_PORT)]
-        self.server = subprocess.Popen(
-            ["ip", "netns", "exec", UPSTREAM_NETNS, "timeout", "7200", *server],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.3)
-
-    def stop_server(self) -> None:
-        if self.server is not None and self.server.poll() is None:
-            self.server.terminate()  # `timeout` passes SIGTERM on to iperf3
-            self.server.wait(timeout=10)
-
-    def run(self, measure: Measure) -> dict[str, float]:
-        command = [
-            *netns_exec(self.client_pid),
-            "timeout",
-            str(self.seconds + 15),
-            "iperf3",
-            "-c",
-            UPSTREAM_SERVER,
-            "-p",
-            str(IPERF_PORT),
-            "-t",
-            str(self.seconds),
-            "-A",
-            "0,1",
-            "--connect-timeout",
-            "3000",
-            "-J",
-            *measure.iperf_args,
-        ]
-        error = ""
-        for _attempt in range(3):
-            output = subprocess.run(command, capture_output=True, text=True).stdout
-            report = json.loads(output) if output.strip() else {}
-            if "end" in report and "error" not in report:
-                return measure.parse(report)
-            error = report.get("error", "no report (iperf3 timed out)")
-            self.stop_server()  # a server left busy by a dead client refuses the next one
-            self.start_server()
-        raise MeasurementFailed(error)
-
+from bench.plots import plot_scaling
+from bench.scenarios import BASELINE, CONTROL, EgressTop, Iptables, NftSet, Scenario, Trivial, loaded
+from bench.udp_ab import udp_ab_rounds
 
 # --- what a program on the veth costs per packet, from the kernel's own accounting -------
 
@@ -360,19 +89,6 @@ def interleave(
                 scenario.teardown()
         progress(f"throughput round {round_number + 1}/{repetitions}: {time.monotonic() - started:.0f} s")
     return samples
-
-
-@contextlib.contextmanager
-def loaded(scenarios: list[Scenario]) -> Iterator[None]:
-    """Every scenario's rules written once, removed at the end whatever happens."""
-    try:
-        for scenario in scenarios:
-            scenario.load()
-        yield
-    finally:
-        for scenario in scenarios:
-            with contextlib.suppress(Exception):
-                scenario.unload()
 
 
 def compare(samples: Samples, scenario: str, measure: Measure) -> dict[str, Any] | None:
@@ -437,6 +153,16 @@ class Plan:
             "rules": self.by_kind["egress-top", rules],
         }
         return per_packet_cost(programs, self.ifindex, client_pid, self.settings, rules)
+
+    def udp_ab_contenders(self) -> dict[str, Scenario]:
+        """The UDP 64 B A/B rounds: no program first (every ratio is to it), then the control."""
+        assert self.trivial is not None and self.control is not None
+        return {
+            "(a)": self.baseline,
+            "(a')": self.control,
+            "(t)": self.trivial,
+            "(b)": self.by_kind["egress-top", 0],
+        }
 
     def scenarios(self) -> list[Scenario]:
         ordered = [self.baseline, *([self.trivial] if self.trivial else []), *self.by_kind.values()]
@@ -518,6 +244,7 @@ def run_throughput(
         )
         with loaded(scenarios):
             samples = interleave(scenarios, plan.measures(), iperf, settings.repetitions)
+            udp_ab = udp_ab_rounds(plan.udp_ab_contenders(), iperf, settings.udp_ab_rounds) if cost else None
             costs = program_cost(scenarios, iperf, ifindex)
             per_packet = plan.per_packet(env.pid(client)) if cost else None
     iperf.stop_server()
@@ -529,52 +256,10 @@ def run_throughput(
             key: costs[key] for key in ("trivial", "0", str(settings.cost_rules)) if key in costs
         }
         cost_result["per_packet"] = per_packet
+        cost_result["udp_ab"] = udp_ab
         written.append(results.write("datapath_cost", cost_result))
     if scaling:
         scaling_result = rule_scaling_result(plan, samples) | {"program_cost": costs}
         written.append(results.write("rule_scaling", scaling_result))
         written.append(plot_scaling(scaling_result, results.directory))
     return written
-
-
-def plot_scaling(result: dict[str, Any], directory: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = result["rule_counts"]
-    positions = [max(count, 1) for count in counts]  # 0 rules plotted at 1 on the log axis
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = (("tcp_1_stream", "TCP, 1 stream"), ("udp_64B", "UDP, 64-byte datagrams (packets/s)"))
-    for axis, (measure, title) in zip(axes, panels, strict=True):
-        for kind, style in (("egress-top", "o-"), ("iptables", "s-"), ("nftables", "^-")):
-            xs, medians, low, high = [], [], [], []
-            for position, count in zip(positions, counts, strict=True):
-                figure_for = result["levels"][str(count)].get(kind, {}).get(measure)
-                if figure_for is None:
-                    continue
-                per_round = figure_for["ratio_per_round"] or {"min": None, "max": None}
-                ratio = figure_for["ratio_to_baseline"]
-                xs.append(position)
-                medians.append(ratio)
-                low.append(ratio - (per_round["min"] if per_round["min"] is not None else ratio))
-                high.append((per_round["max"] if per_round["max"] is not None else ratio) - ratio)
-            axis.errorbar(xs, medians, yerr=[low, high], fmt=style, capsize=3, label=kind)
-        axis.set_xscale("log")
-        axis.set_xlabel("non-matching rules (0 plotted at 1)")
-        axis.set_ylabel("throughput / no program")
-        axis.set_ylim(0, 1.3)
-        axis.axhline(0.97, color="grey", linestyle=":", linewidth=1)
-        axis.set_title(title)
-        axis.legend(loc="lower left")
-    figure.suptitle(
-        f"Container egress vs rules: median ratio to no program, bars = per-round min-max "
-        f"({result['repetitions']} interleaved rounds of {result['seconds_per_run']} s)",
-        fontsize=10,
-    )
-    figure.tight_layout()
-    path = directory / "rule_scaling.png"
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path

@@ -17,8 +17,9 @@
 
 #include "egress_maps.h"
 
-/* Maps the datapath writes on every packet are per-CPU: no atomics, no shared cache lines. */
-BPF_TABLE_PINNED("lru_percpu_hash", struct flow_key, struct flow_stats, flows, FLOW_TABLE_SIZE, PIN_FLOWS);
+/* The per-veth counters the datapath writes on every packet are per-CPU: no atomics, no
+ * shared cache lines. The flow table is not (struct flow_stats says why): atomic adds. */
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_stats, flows, FLOW_TABLE_SIZE, PIN_FLOWS);
 BPF_TABLE_PINNED("hash", __u32, struct endpoint_info, endpoints, 4096, PIN_ENDPOINTS);
 BPF_TABLE_PINNED("lpm_trie", struct policy_lpm_key, struct policy_rule, policy_lpm,
 		 POLICY_TABLE_SIZE, PIN_POLICY, BPF_F_NO_PREALLOC);
@@ -387,8 +388,8 @@ static __always_inline int within_flow_share(__u32 ifindex, struct datapath_conf
 	return 1;
 }
 
-/* This CPU's copy of the flow's counters, created on first sight; past the veth's
- * flow share, its overflow flow's copy instead (and key becomes that flow's). */
+/* The flow's counters, created on first sight; past the veth's flow share, its overflow
+ * flow's instead (and key becomes that flow's). */
 static __always_inline struct flow_stats *flow_of(struct flow_key *key, struct ifindex_counters *c,
 						   struct datapath_config *config, __u64 bytes, __u64 packets)
 {
@@ -411,7 +412,7 @@ static __always_inline struct flow_stats *flow_of(struct flow_key *key, struct i
 	}
 	struct flow_stats fresh = {};
 	fresh.first_seen_ns = now_ns();
-	/* NOEXIST: another CPU may have created it meanwhile, then we just add to our copy */
+	/* NOEXIST: another CPU may have created it meanwhile, then we just add to it */
 	if (flows.insert(key, &fresh) == 0)
 		stat_inc(STAT_FLOWS_CREATED);
 	st = flows.lookup(key);
@@ -427,14 +428,16 @@ static __always_inline void count_flow(struct flow_key *key, struct ifindex_coun
 	struct flow_stats *st = flow_of(key, c, config, bytes, packets);
 	if (!st)
 		return;
-	st->bytes += bytes;  /* this CPU's copy: no atomics */
-	st->packets += packets;
+	/* Shared by the CPUs: the counters take atomic adds, so they stay exact; the fields
+	 * below are plain stores (the last writer wins, as for the last packet's verdict). */
+	__sync_fetch_and_add(&st->bytes, bytes);
+	__sync_fetch_and_add(&st->packets, packets);
 	st->last_seen_ns = now_ns();
 	st->rule_id = rule_id;
 	st->verdict = verdict;
 	if (verdict != VERDICT_FORWARDED) {
-		st->dropped_bytes += bytes;
-		st->dropped_packets += packets;
+		__sync_fetch_and_add(&st->dropped_bytes, bytes);
+		__sync_fetch_and_add(&st->dropped_packets, packets);
 	}
 	__u32 epoch = config ? config->epoch : 0;
 	if (st->epoch != epoch) {

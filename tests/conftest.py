@@ -12,7 +12,17 @@ from pathlib import Path
 
 import docker
 import pytest
-from lab import TEST_IMAGE, Lab, Upstream, install_safety_routes, remove_safety_routes, remove_stale
+from lab import (
+    PREFIX,
+    RUN,
+    TEST_IMAGE,
+    Lab,
+    Upstream,
+    install_safety_routes,
+    remove_safety_routes,
+    remove_stale,
+    sh,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MACHINE_LOCK = Path("/tmp/ett-machine.lock")  # shared with bench/: one user of tc and netns at a time
@@ -54,7 +64,22 @@ def upstream(docker_client: docker.DockerClient) -> Iterator[Upstream]:
 @pytest.fixture
 def lab(docker_client: docker.DockerClient, test_image: str, upstream: Upstream) -> Iterator[Lab]:
     lab = Lab(docker_client)
+    with upstream.sinks_of_a_test():
+        try:
+            yield lab
+        finally:
+            lab.destroy()
+
+
+@pytest.fixture
+def macvlan_parent() -> Iterator[str]:
+    """A veth of our own, in no bridge, to hang a macvlan network on: these kernels have no
+    dummy link type (`ip link add x type dummy`: unknown device type; `modprobe dummy`: not
+    found). Named ettup*, so a crashed run's is removed at the next start."""
+    name = f"{PREFIX}up{RUN}m"
+    sh("ip", "link", "add", name, "type", "veth", "peer", "name", f"{PREFIX}up{RUN}p")
+    sh("ip", "link", "set", name, "up")
     try:
-        yield lab
+        yield name
     finally:
-        lab.destroy()
+        sh("ip", "link", "del", name, check=False)

@@ -16,7 +16,7 @@ import random
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -104,6 +104,7 @@ def remove_stale(client: docker.DockerClient) -> None:
 _SINK = r"""
 import os, selectors, socket, sys, time
 proto, address, port, lifetime, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+source = sys.argv[6]  # UDP: count only datagrams from this address ("" counts all)
 family = socket.AF_INET6 if ":" in address else socket.AF_INET
 count = total = 0
 def report():
@@ -126,7 +127,9 @@ while time.monotonic() < end:
     for key, _ in sel.select(timeout=0.2):
         sock = key.fileobj
         if proto == "udp":
-            data = sock.recv(65535)
+            data, peer = sock.recvfrom(65535)
+            if source and peer[0] != source:
+                continue
             count += 1
             total += len(data)
         elif sock is s:
@@ -209,9 +212,10 @@ def run_in_netns(netns: str, script: str, *args: Any, timeout: float = 30) -> st
 
 
 class Sink:
-    """A UDP or TCP server in the upstream netns that counts what it receives."""
+    """A UDP or TCP server in a netns of ours (`ip netns` name) that counts what it receives
+    (a UDP sink given `source` counts only what that address sent)."""
 
-    def __init__(self, netns: str, proto: str, port: int, address: str, lifetime: float):
+    def __init__(self, netns: str, proto: str, port: int, address: str, lifetime: float, source: str = ""):
         self.port = port
         self._dir = tempfile.TemporaryDirectory(prefix="ett-sink-")
         self.path = Path(self._dir.name) / "counts"
@@ -229,6 +233,7 @@ class Sink:
                 str(port),
                 str(lifetime),
                 str(self.path),
+                source,
             ],
             stderr=subprocess.PIPE,
             text=True,
@@ -281,9 +286,23 @@ class Upstream:
             self._sysctls[key] = sh("sysctl", "-n", key).stdout.strip()
             sh("sysctl", "-qw", f"{key}=1")
 
-    def destroy(self) -> None:
-        for sink in self._sinks:
+    @contextlib.contextmanager
+    def sinks_of_a_test(self) -> Iterator[None]:
+        """Stops the sinks made inside the with-block (one test's own): a sink left listening
+        would hold its port for the next test in this session-long netns."""
+        mark = len(self._sinks)
+        try:
+            yield
+        finally:
+            self._stop_sinks(mark)
+
+    def _stop_sinks(self, mark: int) -> None:
+        for sink in self._sinks[mark:]:
             sink.stop()
+        del self._sinks[mark:]
+
+    def destroy(self) -> None:
+        self._stop_sinks(0)
         sh("ip", "netns", "del", self.netns, check=False)
         sh("ip", "link", "del", self.host_veth, check=False)
         for key, value in self._sysctls.items():

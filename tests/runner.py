@@ -20,19 +20,21 @@ from lab import wait_until
 from agent.agent_status import read_live
 from agent.datapath import PIN_DIR, open_pinned_maps, our_filters
 from agent.export import SCHEMA_RESOURCES
+from bench.agent_process import AgentProcess, stop_child
 
 BIN = Path(sys.executable).parent
 VALIDATORS = {
     record_type: jsonschema.Draft202012Validator(json.loads((files("agent.schema") / resource).read_text()))
     for record_type, resource in SCHEMA_RESOURCES.items()
 }
+Agent = AgentProcess  # `egress-agent run` in the background: one implementation with the bench's
 
 
 def veth_ifindexes(pid: int) -> set[int]:
     """Host-side veth ifindex of each interface in a container's netns (its IFLA_LINK)."""
     from agent.inventory import _netns_links
 
-    return {peer for _name, _mac, peer in _netns_links(pid)}
+    return {peer for _name, _mac, peer in _netns_links(f"/proc/{pid}/ns/net")}
 
 
 def validate(record: dict[str, Any]) -> dict[str, Any]:
@@ -86,22 +88,18 @@ class EgressTop:
             self.arrival.append(time.time())
 
     def wait_attached(self, ifindexes: set[int], timeout: float = 15.0) -> None:
+        """Until the veths carry our filter and this process has written its first interval:
+        filters left by an earlier run are there at once, before this one handles signals."""
+
         def attached() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"egress-top exited early: {self.proc.stderr.read()}")  # type: ignore[union-attr]
-            return ifindexes <= set(our_filters())
+            return ifindexes <= set(our_filters()) and any(r["type"] == "interval" for r in list(self.others))
 
         wait_until(attached, timeout)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"egress-top did not exit within {timeout}s of the signal") from None
+        stop_child(self.proc, "egress-top", sig, timeout)
         self._reader.join(timeout=5)
         self.stderr = self.proc.stderr.read() if self.proc.stderr else ""  # type: ignore[union-attr]
         self.returncode = self.proc.returncode
@@ -119,52 +117,6 @@ class EgressTop:
     def wait_for(self, predicate, timeout: float = 10.0) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         """The first record, as they arrive, that satisfies predicate."""
         return wait_until(lambda: next((r for r in list(self.records) if predicate(r)), None), timeout)
-
-
-class Agent:
-    """egress-agent run in the background; its stderr is collected line by line as it arrives."""
-
-    READY_PREFIX = "egress-agent: ready: "
-
-    def __init__(self, *args: str, prefix: tuple[str, ...] = ()):
-        self.proc = subprocess.Popen(
-            [*prefix, str(BIN / "egress-agent"), "run", *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.stderr_lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line.rstrip("\n"))
-
-    def wait_ready(self, timeout: float = 30.0) -> str:
-        """The ready line, once the agent printed it (it is watching from then on)."""
-
-        def ready_line() -> str | None:
-            if self.proc.poll() is not None:
-                self._reader.join(timeout=5)
-                raise AssertionError(f"egress-agent exited early: {self.stderr_lines}")
-            return next((line for line in self.stderr_lines if line.startswith(self.READY_PREFIX)), None)
-
-        return wait_until(ready_line, timeout)
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, as a service manager stops it; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"egress-agent did not exit within {timeout}s of SIGTERM") from None
-        self._reader.join(timeout=5)
-        return self.proc.returncode
 
 
 # --- what a test leaves in the kernel --------------------------------------------------

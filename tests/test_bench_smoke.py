@@ -5,7 +5,9 @@ themselves come from one `sudo make bench` run (bench/results/)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +111,22 @@ def test_throughput_scenarios_and_program_costs(smoke: SmokeRun) -> None:
     assert (smoke.directory / "rule_scaling.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_udp_ab_rounds_pair_every_contender_with_the_baseline(smoke: SmokeRun) -> None:
+    ab = smoke.load("datapath_cost")["udp_ab"]
+    rounds = smoke.load("run")["settings"]["udp_ab_rounds"]
+    assert ab["rounds"] == rounds
+    rows = {row["label"]: row for row in ab["contenders"]}
+    assert list(rows) == ["(a)", "(a')", "(t)", "(b)"]
+    assert [rows[label]["kind"] for label in rows] == ["baseline", "baseline", "trivial", "egress-top"]
+    for row in rows.values():
+        assert row["failed_runs"] == 0, row
+        assert row["packets_per_second"]["n"] == row["ratio_to_baseline"]["n"] == rounds, row
+        assert row["packets_per_second"]["min"] > 0, row
+        # the figure is the median of the round-by-round ratios it lists
+        assert row["ratio_to_baseline"]["median"] == statistics.median(row["ratio_per_round"]), row
+    assert rows["(a)"]["ratio_per_round"] == [1.0] * rounds
+
+
 def test_latencies(smoke: SmokeRun) -> None:
     latency = smoke.load("latency")
     attach, block = latency["attach"], latency["block"]
@@ -123,18 +141,37 @@ def test_latencies(smoke: SmokeRun) -> None:
 
 def test_agent_cost_and_refresh(smoke: SmokeRun) -> None:
     agent = smoke.load("agent_cost")
-    # the synthetic flows were in the agent's table, and the real ones were all counted
-    assert agent["flows"] == smoke.load("run")["settings"]["agent_flows"]
-    assert agent["real_flows"]["in_table"] == agent["real_flows"]["created"] > 0
-    for phase in ("idle", "loaded", "real"):
+    settings = smoke.load("run")["settings"]
+    # every flow the containers sent was in the agent's table: the datapath created them all
+    assert agent["real_flows"]["created"] >= settings["agent_flows"]
+    assert agent["real_flows"]["in_table"] == agent["real_flows"]["created"]
+    assert agent["flows_moving_per_second"] == agent["real_flows"]["created"] // 100
+    assert set(agent["phases"]) == {"idle", "real"}
+    for phase in ("idle", "real"):
         assert agent[phase]["VmRSS_mb"]["min"] > 10, phase  # a live Python process, sampled
     # one sample a second across the phases, and the plot of it
-    assert len(agent["series"]) >= int(agent["real"]["seconds"] + agent["loaded"]["seconds"])
+    assert len(agent["series"]) >= int(agent["real"]["seconds"] + agent["idle"]["seconds"])
     assert (smoke.directory / "agent_cost.png").read_bytes().startswith(b"\x89PNG")
 
     refresh = smoke.load("read_and_aggregate")["levels"]
     for count, level in refresh.items():
         assert level["1%"]["flows_read"] == level["100%"]["flows_read"] == int(count)
+
+
+def test_cold_start_with_an_empty_and_a_filled_program_cache(smoke: SmokeRun) -> None:
+    start = smoke.load("cold_start")
+    first, cached = start["first_compile"], start["cached_compile"]
+    assert first["seconds"]["n"] == smoke.load("run")["settings"]["cold_starts"]
+    if importlib.util.find_spec("agent.datapath.program_cache") is None:
+        assert cached is None and start["cached_not_measured_because"]
+        pytest.skip("this build has no compiled-program cache: only the first compile was measured")
+    # the cache filled by the first start loads the program without compiling it
+    assert start["cached_not_measured_because"] is None
+    load = {
+        case: start[case]["breakdown_seconds"]["load_program"]["median"]
+        for case in ("first_compile", "cached_compile")
+    }
+    assert load["cached_compile"] < load["first_compile"], load
 
 
 def test_summary_and_nothing_left_behind(smoke: SmokeRun) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.common import Results
+from bench.common import Results, spread
+from bench.markdown import DASH
 from bench.summary import README_BEGIN, README_END, update_readme
+from bench.targets import start_targets, udp_ratio_target
 
 PER_PACKET = {
     "repetitions": 1,
@@ -24,15 +26,19 @@ PER_PACKET = {
 }
 
 
+def udp_ab(ours: list[float], control: list[float]) -> dict:  # type: ignore[type-arg]
+    """A/B rounds whose per-round ratios to (a) are `ours` for (b) and `control` for (a')."""
+    rows = [
+        {"label": label, "ratio_to_baseline": spread(ratios)}
+        for label, ratios in (("(a)", [1.0] * len(ours)), ("(a')", control), ("(b)", ours))
+    ]
+    return {"rounds": len(ours), "seconds_per_run": 1, "contenders": rows}
+
+
 def test_the_block_between_the_markers_is_replaced_by_the_results(tmp_path: Path) -> None:
     results = Results(tmp_path / "results", {"started": "2026-12-01T00:00:00+00:00", "profile": "full"})
-    row = {
-        "label": "(b)",
-        "udp_64B": {"ratio_to_baseline": 0.99},
-        "tcp_1_stream": None,
-        "tcp_4_streams": None,
-    }
-    results.write("datapath_cost", {"scenarios": [row], "per_packet": PER_PACKET})
+    ab = udp_ab(ours=[0.97, 0.99, 0.99, 1.0, 1.02], control=[0.98, 0.99, 1.0, 1.01, 1.03])
+    results.write("datapath_cost", {"scenarios": [], "per_packet": PER_PACKET, "udp_ab": ab})
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nbefore\n\n{README_BEGIN}\nold figures 1.5 s\n{README_END}\n\nafter\n")
 
@@ -45,7 +51,10 @@ def test_the_block_between_the_markers_is_replaced_by_the_results(tmp_path: Path
     assert (
         "| per packet, counting, 1,000 flows: ≤ 2.0x the trivial program | 2.50x (150 ns vs 60 ns) |" in text
     )
-    assert "| (b) counting: UDP 64 B throughput ≥ 0.98 of (a) | " in text and "UDP 64 B 0.99 | met |" in text
+    assert (
+        "| (b) counting: UDP 64 B throughput ≥ 0.98 of (a) | (b) 0.990 (IQR 0.990-1.000, min-max 0.970-1.020); "
+        "control (a') 1.000 (IQR 0.990-1.010, min-max 0.980-1.030); 5 paired 1 s rounds | met |"
+    ).replace("-", DASH) in text
     assert "\n## " not in text  # sections nest under README's own heading
 
 
@@ -55,3 +64,50 @@ def test_a_readme_without_the_markers_is_left_alone(tmp_path: Path) -> None:
     readme.write_text("# title\n")
     assert not update_readme(results, readme)
     assert readme.read_text() == "# title\n"
+
+
+def test_a_udp_gap_inside_the_controls_spread_is_called_noise() -> None:
+    """Median 0.97 misses 0.98 by a point; the control's middle half reaches 3 points from 1."""
+    noisy = udp_ratio_target(
+        {"udp_ab": udp_ab(ours=[0.95, 0.96, 0.97, 0.98, 0.99], control=[0.95, 0.97, 1.0, 1.03, 1.05])}
+    )
+    assert (noisy.met, noisy.remark) == (
+        False,
+        "1 point short (within the noise floor: (a')'s IQR reaches 3 points from 1)",
+    )
+    quiet = udp_ratio_target({"udp_ab": udp_ab(ours=[0.95, 0.96, 0.97, 0.98, 0.99], control=[1.0] * 5)})
+    assert (quiet.met, quiet.remark) == (False, "1 point short")
+    absent = udp_ratio_target({"scenarios": []})
+    assert (absent.judged, absent.measured) == (False, "not measured")
+
+
+def cold_case(seconds: float) -> dict:  # type: ignore[type-arg]
+    one_run = spread([seconds])
+    parts = {"python_and_imports": one_run, "load_program": one_run, "rest_including_one_interval": 0.0}
+    return {"seconds": one_run, "breakdown_seconds": parts}
+
+
+def test_cold_start_is_judged_for_a_first_and_a_cached_compile() -> None:
+    start = {
+        "first_compile": cold_case(1.9),
+        "cached_compile": cold_case(0.8),
+        "cached_not_measured_because": None,
+        "beside_agent_seconds": spread([0.4]),
+    }
+    rows = [verdict.row() for verdict in start_targets(start)]
+    assert rows == [
+        ["front end beside a running agent ≤ 0.5 s", "0.40 s median (max 0.40 s)", "met"],
+        ["cold start (nothing loaded), cached compile ≤ 1.5 s", "0.80 s median (max 0.80 s)", "met"],
+        [
+            "cold start (nothing loaded), first compile, empty program cache ≤ 1.5 s",
+            "1.90 s median (max 1.90 s)",
+            "**missed**: 0.40 s over",
+        ],
+    ]
+    without_cache = start | {"cached_compile": None, "cached_not_measured_because": "no cache in this build"}
+    cached_row = start_targets(without_cache)[1].row()
+    assert cached_row == [
+        "cold start (nothing loaded), cached compile ≤ 1.5 s",
+        "not measured",
+        "not judged: no cache in this build",
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import time
+from dataclasses import replace
 from importlib.resources import files
 
 import jsonschema
@@ -116,6 +117,36 @@ def test_destinations_are_classified() -> None:
         "255.255.255.255": (DstKind.BROADCAST, None),
         "ff02::1": (DstKind.MULTICAST, None),
     }
+
+
+def test_egress_by_kind_is_the_sum_of_the_flows_without_building_them() -> None:
+    """/metrics reads each container's egress by (protocol, destination kind): summed in numpy
+    it must equal the sum over the Flow objects, and need none of them built."""
+    baseline = [(*WEB_TO_DB, 100, 1), (*WEB_TO_OUT, 100, 1)]
+    moved = [
+        (*WEB_TO_DB, 1100, 4),  # container, tcp: 1000 bytes, 3 packets
+        (10, "172.20.0.2", "172.20.0.3", 6, 40002, 80, 50, 1),  # same container and kind: summed
+        (*WEB_TO_OUT, 400, 3),  # external, udp: 300 bytes, 2 packets
+        (10, "172.20.0.2", "198.51.100.2", 17, 40003, 53, 70, 1),  # another external destination
+        (*DB_TO_HOST, 84, 1),
+        (11, "fd00::3", "ff02::1", 58, 135, 0, 72, 1),
+        (11, "172.20.0.3", "198.51.100.1", 6, 40004, 443, 0, 0),  # idle: in no sum
+        (99, "10.0.0.9", "198.51.100.1", 17, 1, 2, 10, 1),  # no container's veth
+    ]
+    with_flows, without = FlowAggregator(), FlowAggregator(build_flows=False)
+    for aggregator in (with_flows, without):
+        aggregator.update(read(baseline, 0), INVENTORY)
+    built = with_flows.update(read(moved, 10**9), INVENTORY)
+    summed = without.update(read(moved, 10**9), INVENTORY)
+    expected = {
+        "web": {("tcp", "container"): (1050, 4), ("udp", "external"): (370, 3)},
+        "db": {("icmp", "host"): (84, 1), ("icmpv6", "multicast"): (72, 1)},
+    }
+    for snapshot in (built, summed):
+        assert {s.container.name: s.egress_by_kind() for s in snapshot.stats} == expected
+    assert not summed.flows
+    from_flows = {s.container.name: replace(s, egress=None).egress_by_kind() for s in built.stats}
+    assert from_flows == expected
 
 
 def test_unknown_veth_flows_are_unattributed_and_evictions_counted() -> None:

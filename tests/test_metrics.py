@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.agent_status import AgentStatus
-from agent.datapath import RuleHits
+from agent.datapath import IfindexCounters, RuleHits
 from agent.errors import UserError
 from agent.latency import LatencyHistogram
 from agent.metrics import AgentHealth, SnapshotMetrics, parse_listen
@@ -72,7 +72,6 @@ def snapshot(*stats: ContainerStats, evicted: int = 0, losses: IntervalLosses = 
 def status(**extra) -> AgentStatus:  # type: ignore[no-untyped-def]
     fields = {
         "pid": 1,
-        "pid_start_time": 1,
         "started_at": 0.0,
         "updated_at": 0.0,
         "attached_veths": 2,
@@ -210,6 +209,49 @@ def test_drops_come_from_block_rules_of_known_containers_only() -> None:
     assert got[("egress_top_rules", frozenset())] == 3
 
 
+def veth_drops(held: int = 0, unparsed: int = 0) -> IfindexCounters:
+    """A veth's counters with only the drops no rule decided set (bytes: 100 a packet)."""
+    return IfindexCounters(
+        non_ip_packets=0,
+        non_ip_bytes=0,
+        dropped_packets=0,
+        dropped_bytes=0,
+        unparsed_packets=unparsed,
+        unparsed_bytes=unparsed * 100,
+        unparsed_dropped_packets=unparsed,
+        unparsed_dropped_bytes=unparsed * 100,
+        held_packets=held,
+        held_bytes=held * 100,
+    )
+
+
+def test_held_and_unparsed_drops_count_from_the_first_interval_and_never_go_back() -> None:
+    veths = {10: veth_drops(held=2, unparsed=1), 99: veth_drops(held=5)}  # before the agent's start
+    agent = AgentHealth(status(), LatencyHistogram().read(), read_veth_counters=lambda: dict(veths))
+    metrics = SnapshotMetrics()
+    metrics.update(snapshot(ContainerStats(WEB), ContainerStats(DB)), agent)  # the baseline
+    got = samples(scrape(metrics))
+    assert got[("egress_top_unknown_veth_held_packets_total", frozenset())] == 0
+    assert not [name for name, _labels in got if "unparsed" in name]  # no drop yet: no series
+    # veth 10 (WEB's) drops 3 more unparsed; 99 (nobody's) holds 4 more; 12 is a new veth
+    # that held 6 before its owner was known; DB's veth 11 counts nothing
+    veths |= {10: veth_drops(held=2, unparsed=4), 99: veth_drops(held=9), 12: veth_drops(held=6)}
+    got = samples(scrape(metrics))
+    assert got[("egress_top_unknown_veth_held_packets_total", frozenset())] == 4 + 6
+    assert got[("egress_top_unknown_veth_held_bytes_total", frozenset())] == (4 + 6) * 100
+    unparsed = {(name, labels): value for (name, labels), value in got.items() if "unparsed" in name}
+    assert unparsed == {
+        ("egress_top_container_unparsed_dropped_packets_total", web_labels()): 3,
+        ("egress_top_container_unparsed_dropped_bytes_total", web_labels()): 300,
+    }
+    # veth 99 went and its ifindex came back as a new veth that held 1: a counter that fell
+    # is a new one, counted whole; the totals never go backwards
+    veths |= {99: veth_drops(held=1)}
+    got = samples(scrape(metrics))
+    assert got[("egress_top_unknown_veth_held_packets_total", frozenset())] == 4 + 6 + 1
+    assert got[("egress_top_container_unparsed_dropped_packets_total", web_labels())] == 3
+
+
 def test_health_series() -> None:
     latency = LatencyHistogram(bounds=(0.001, 0.01))
     for seconds in (0.0005, 0.001, 0.004, 3.0):
@@ -255,7 +297,10 @@ def test_promtool_accepts_the_text() -> None:
     hits = [(block_rule(7, "shop-web-1"), RuleHits(packets=4, bytes=400, last_hit_ns=1))]
     latency = LatencyHistogram()
     latency.observe(0.002)
-    metrics.update(snapshot(stats, ContainerStats(DB)), AgentHealth(status(), latency.read(), lambda: hits))
+    veths = {10: veth_drops(held=1, unparsed=2)}
+    agent = AgentHealth(status(), latency.read(), lambda: hits, lambda: veths)
+    metrics.update(snapshot(stats, ContainerStats(DB)), agent)
+    veths = {10: veth_drops(held=3, unparsed=5)}  # series of both kinds, not only zeros
     checked = subprocess.run(
         ["promtool", "check", "metrics"], input=scrape(metrics), capture_output=True, text=True, timeout=30
     )

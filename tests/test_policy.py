@@ -1,4 +1,4 @@
-"""agent/policy.py: parsing, matching semantics, compilation to LPM entries, the store."""
+"""agent/policy/: parsing, matching semantics, compilation to LPM entries, the store."""
 
 from __future__ import annotations
 
@@ -523,7 +523,7 @@ def store_document(*rules: dict[str, Any], **changes: Any) -> str:
         (b'{"version": 1, "rules": [', "not valid JSON"),
         (b"\xff\xfe{}", "not UTF-8"),
         (b"[]", "not a JSON object"),
-        (store_document(version=2).encode(), "newer egress-top (format version 2)"),
+        (store_document(version=2).encode(), "format version 2 is newer"),
         (store_document(version="1").encode(), "format version '1', expected 1"),
         (store_document(extra=True).encode(), "top-level fields"),
         (store_document(next_rule_id=0).encode(), "next_rule_id 0"),

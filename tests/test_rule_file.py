@@ -13,8 +13,7 @@ import pytest
 from runner import run_cli
 
 from agent.errors import EXIT_USAGE, UserError
-from agent.policy import RuleStore
-from agent.rule_file import apply_rule_file, load_rule_file, parse_rule_file
+from agent.policy import RuleStore, apply_rule_file, load_rule_file, parse_rule_file
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "deploy" / "rules.example.json"

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lab import UPSTREAM_V4, UPSTREAM_V4_BLOCKME, Lab, Upstream, wait_until
+import test_system_evasion as evasion
+from lab import UPSTREAM_V4, UPSTREAM_V4_BLOCKME, UPSTREAM_V6, Lab, Upstream, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from runner import Agent, run_cli
 
@@ -187,6 +188,29 @@ def test_drops_by_rule_match_the_datagrams_the_rule_cut(
     # the gauges come from the last interval, the rule hits from the scrape: wait for the interval
     in_force = {("egress_top_rules", frozenset()): 1, ("egress_top_containers_enforced", frozenset()): 1}
     wait_until(lambda: {key: agent.samples().get(key) for key in in_force} == in_force, timeout=5)
+
+
+def test_drops_no_rule_decided_are_counted_exactly(lab: Lab, upstream: Upstream, agent: MetricsAgent) -> None:
+    """IPv6 datagrams behind more extension headers than the parser follows, from a container
+    with a port rule: dropped unparsed (fail closed), each one in the container's series."""
+    web = lab.container("unparsed", network=lab.network(ipv6=True))
+    sink = upstream.udp_sink(evasion.PORT, address="::")
+    wait_until(lambda: web.exec_run(["ping", "-6", "-c", "1", "-W", "1", UPSTREAM_V6]).exit_code == 0, 15)
+    sent = len(evasion.UNREACHED) * evasion.EACH
+    sent_bytes = evasion.EACH * sum(40 + 8 * n + 15 for n in (7, 8, 12))  # IPv6, options, UDP + 7
+    evasion.craft(lab, web, evasion.UNREACHED)
+    assert sink.wait_for(sent, timeout=10)[0] == sent  # control: without a rule they all arrive
+
+    rule = run_cli("egress-block", web.name, UPSTREAM_V6, "--port", str(evasion.PORT), "--proto", "udp")
+    assert rule.returncode == 0, rule.stderr
+    evasion.craft(lab, web, evasion.UNREACHED)
+    dropped = ("egress_top_container_unparsed_dropped_packets_total", container_labels(web.name))
+    wait_until(lambda: agent.samples().get(dropped, 0) >= sent, timeout=10)
+    got = agent.samples()
+    assert got[dropped] == sent
+    assert got[("egress_top_container_unparsed_dropped_bytes_total", dropped[1])] == sent_bytes
+    assert got[("egress_top_unknown_veth_held_packets_total", frozenset())] == 0  # no veth was unknown
+    assert sink.counts()[0] == sent  # the receiver got none of the second batch
 
 
 def test_removed_container_series_vanish_after_the_grace(

@@ -3,14 +3,15 @@ egress-block's warning, and the refusals of rules nothing could enforce."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lab import UPSTREAM_V4_BLOCKME, Lab, wait_until
-from runner import only_enforcement_left_behind, run_cli, running_agent
+from lab import UPSTREAM_V4_BLOCKME, Lab, network_of_driver, wait_until
+from runner import Agent, only_enforcement_left_behind, run_cli, running_agent
 
 from agent.agent_status import read_live
 
@@ -54,6 +55,14 @@ def test_status_and_rule_states_with_the_agent(lab: Lab, agent) -> None:
     assert "rules enforced: 1 of 1" in healthy.stdout and "not enforced: 0" in healthy.stdout
     assert "refresh retries:" in healthy.stdout
 
+    # a second agent would fight the first over the veths: refused before it changes anything
+    second = run_cli("egress-agent", "run")
+    assert second.returncode == 2, second.stderr
+    assert (
+        second.stderr.strip()
+        == f"egress-agent: another egress-agent is running (pid {agent.pid}): stop it first"
+    )
+
     # A pending rule, then its container starts with no veth: said, not silent.
     later = f"{web.name}-host"
     assert run_cli("egress-block", "--pending", later, UPSTREAM_V4_BLOCKME).returncode == 0
@@ -92,3 +101,42 @@ def test_rules_nothing_could_enforce_are_refused(lab: Lab) -> None:
     assert run_cli("egress-rules", "--json").stdout == ""  # nothing was written
     # the owner takes the rule, and it binds the netns both share
     assert run_cli("egress-block", app.name, "198.18.113.1").returncode == 0
+
+
+def test_a_rule_on_a_macvlan_container_is_refused_and_the_store_is_unchanged(
+    macvlan_parent: str, lab: Lab, state_dir: Path
+) -> None:
+    app = lab.container("app", network=lab.network())
+    macvlan = network_of_driver(lab, "macvlan", macvlan_parent, "198.18.11.0/24")
+    on_macvlan = lab.container("onmacvlan", network=macvlan)
+    assert run_cli("egress-block", app.name, "198.18.113.1").returncode == 0  # a store with a rule in it
+    store = state_dir / "rules.json"
+    before = hashlib.sha256(store.read_bytes()).hexdigest()
+
+    refused = run_cli("egress-block", on_macvlan.name, "198.18.113.1")
+    assert refused.returncode == 2 and refused.stdout == "", refused
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert (
+        f"{on_macvlan.name} cannot be enforced (macvlan network {macvlan.name}: no host-side veth"
+        in refused.stderr
+        and "no rule was added" in refused.stderr
+    ), refused.stderr
+    assert hashlib.sha256(store.read_bytes()).hexdigest() == before
+    assert list(states()) == [app.name]
+
+
+def test_egress_block_right_after_ready_sees_the_agent(lab: Lab) -> None:
+    """The agent publishes its status when it says ready, not after its first interval:
+    egress-block run the moment "ready" is printed does not warn that no agent runs."""
+    web = lab.container("web", network=lab.network())
+    agent = Agent("-i", "30", "--metrics", "off")  # no interval ends here: only the ready publish counts
+    try:
+        agent.wait_ready()
+        beside = run_cli("egress-block", web.name, UPSTREAM_V4_BLOCKME)
+        assert beside.returncode == 0, beside.stderr
+        assert "no egress-agent" not in beside.stderr, beside.stderr
+    finally:
+        assert agent.stop() == 0, agent.said()
+    alone = run_cli("egress-block", web.name, "198.18.113.2")
+    assert alone.returncode == 0, alone.stderr
+    assert "no egress-agent is running" in alone.stderr and "restart" in alone.stderr, alone.stderr

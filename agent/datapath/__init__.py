@@ -1,11 +1,15 @@
 """Datapath layer: the only code that talks to BPF and tc.
 
 Rooms, one job each: syscalls (raw bpf(2)), maps (pinned maps), attach (tc clsact),
-program (which build is pinned; loading it in a child), loader (BCC compile/load/pin,
-imported only by that short-lived child), lifecycle (runtime dir, holders, locks,
-cleanup), system (capabilities, bpffs), headers (kernel headers for the loader).
+program (which build is pinned; loading it from the cache or in a child), loader (BCC
+compile/load/pin, imported only by that short-lived child), program_cache (the compiled
+program on disk, keyed by source and kernel), cached_load (loading it by raw bpf(2)),
+lifecycle (runtime dir, holders, locks, cleanup), system (capabilities, bpffs), headers
+(kernel headers for the loader).
 
 This package imports neither the loader nor BCC: nothing of LLVM stays resident.
+numpy loads only with layouts (the bulk flow and counter reads), so a process that
+only writes policy (egress-block's fast path) starts without it.
 """
 
 from agent.datapath.attach import PROGRAM_NAME, detach, our_filters
@@ -20,8 +24,6 @@ from agent.datapath.lifecycle import (
 )
 from agent.datapath.maps import (
     DEFAULT_FLOW_TABLE_SIZE,
-    FLOW_KEY_DTYPE,
-    FLOW_STATS_DTYPE,
     PIN_DIR,
     POLICY_TABLE_SIZE,
     EndpointTotals,
@@ -35,6 +37,16 @@ from agent.datapath.maps import (
 )
 from agent.datapath.program import Datapath
 from agent.datapath.system import check_privileges, ensure_bpffs
+
+
+def __getattr__(name: str) -> object:
+    """FLOW_KEY_DTYPE and FLOW_STATS_DTYPE load numpy: only for those who ask (maps.py)."""
+    if name in ("FLOW_KEY_DTYPE", "FLOW_STATS_DTYPE"):
+        from agent.datapath import layouts
+
+        return getattr(layouts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_FLOW_TABLE_SIZE",

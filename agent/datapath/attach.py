@@ -1,14 +1,16 @@
 """tc clsact attach and detach by netlink (pyroute2): needs no loaded program but an fd.
 
 Container egress is the host-side veth's tc ingress hook. Inspection and removal
-need nothing loaded, so cleanup works always.
+need nothing loaded, so cleanup works always; inspection reads a raw dump
+(agent/rtnl_dump.py), without pyroute2's import cost.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-from typing import Any
+
+from agent.rtnl_dump import DumpInterrupted, Link, RtnlSocket, TcFilter
 
 PROGRAM_NAME = "egress_top_ingress"
 # tc filter identity on the clsact ingress hook; "replace" at this prio/handle is atomic.
@@ -45,39 +47,30 @@ def attach(ifindex: int, program_fd: int, name: str = PROGRAM_NAME) -> None:
 
 
 def our_filters() -> dict[int, str]:
-    """ifindex -> link name for every link carrying our filter on its ingress hook."""
-    from agent.netlink import IPRoute
-
+    """ifindex -> link name for every link carrying our filter on its ingress hook.
+    Read by a raw dump (agent/rtnl_dump.py): egress-block asks this on its fast path."""
     found: dict[int, str] = {}
-    with IPRoute() as ipr:
-        for link in _links(ipr):
-            index = link["index"]
-            with contextlib.suppress(Exception):
-                for flt in ipr.get_filters(index=index, parent=TC_INGRESS_PARENT):
-                    if _is_our_filter(flt):
-                        found[index] = link.get_attr("IFLA_IFNAME")
+    with RtnlSocket() as rtnl:
+        for link in _links(rtnl):
+            with contextlib.suppress(OSError):  # gone meanwhile, or no clsact to list
+                if any(_is_our_filter(flt) for flt in rtnl.filters(link.index, TC_INGRESS_PARENT)):
+                    found[link.index] = link.name
     return found
 
 
-def _links(ipr: Any, attempts: int = 5) -> list[Any]:
+def _links(rtnl: RtnlSocket, attempts: int = 5) -> list[Link]:
     """A host link dump; links coming and going meanwhile ("dump interrupted") make it
     try again at once, so cleanup never gives up half-way under container churn."""
-    from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
-
     for _ in range(attempts - 1):
         try:
-            return list(ipr.get_links())
-        except NetlinkDumpInterrupted:
+            return rtnl.links()
+        except DumpInterrupted:
             continue
-    return list(ipr.get_links())
+    return rtnl.links()
 
 
-def _is_our_filter(flt: Any) -> bool:
-    options = flt.get_attr("TCA_OPTIONS")
-    if options is None:
-        return False
-    name = options.get_attr("TCA_BPF_NAME") or ""
-    return name.startswith(PROGRAM_NAME)
+def _is_our_filter(flt: TcFilter) -> bool:
+    return flt.bpf_name.startswith(PROGRAM_NAME)
 
 
 def detach(ifindex: int) -> None:

@@ -1,8 +1,11 @@
 """Who has the datapath open, across processes, and who turns off the lights.
 
 egress-top, egress-block and egress-agent may run at once. Each process that opens
-the datapath records itself as a holder under RUN_DIR (its pid, with the process's
-start time so a reused pid is not taken for a live holder). The last holder to
+the datapath records itself as a holder under RUN_DIR: a file it keeps flock'ed for
+its whole life. The kernel drops the lock however the process ends (kill -9 too), so
+a file nobody locks is a departed holder; no pid is compared, so a reused pid cannot
+pass for a holder and an agent in another pid namespace (a Swarm task, which has no
+--pid host) is seen as live through the bind-mounted RUN_DIR. The last holder to
 leave detaches every veth whose container has no rules and, when no rule is left
 at all, removes the pins too. Only enforcement outlives the processes.
 
@@ -14,10 +17,13 @@ is bounded and names the holder (agent/lockfile.py).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.datapath.attach import detach, our_filters
@@ -42,42 +48,57 @@ def exclusive(timeout: float | None = None) -> Iterator[None]:
 # --- holders -------------------------------------------------------------------------
 
 
-def process_start_time(pid: int) -> int | None:
-    """Clock ticks after boot at which pid started (field 22 of /proc/PID/stat)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # the command name (field 2) may hold spaces and parentheses: count from the last ')'
-    return int(text.rpartition(")")[2].split()[19])
-
-
 def _holders_dir() -> Path:
     return private_dir(private_dir(RUN_DIR) / "holders")
 
 
-def register_holder(pid: int | None = None) -> Path:
-    pid = pid or os.getpid()
-    path = _holders_dir() / str(pid)
-    fd = open_private(path, os.O_WRONLY | os.O_TRUNC)
+@dataclass
+class Holder:
+    """This process's record; the open fd holds the lock that says it is alive."""
+
+    path: Path
+    fd: int
+
+    def leave(self) -> None:
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+def register_holder() -> Holder:
+    """Call under exclusive(): live_holders() sweeps unlocked files under the same lock,
+    so it never sees this file between its creation and its flock."""
+    # pid plus a random tag: pids of other pid namespaces may repeat ours
+    path = _holders_dir() / f"{os.getpid()}-{secrets.token_hex(4)}"
+    fd = open_private(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return Holder(path, fd)
+
+
+def is_locked(path: Path) -> bool:
+    """Whether some process holds the flock of path (a live holder or agent)."""
     try:
-        os.write(fd, f"{process_start_time(pid)}\n".encode())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
     finally:
         os.close(fd)
-    return path
+    return False
 
 
-def live_holders() -> list[int]:
-    """Pids holding the datapath now; records of departed processes are removed."""
+def live_holders() -> list[str]:
+    """Names of the records of processes holding the datapath now; the records of
+    departed processes are removed. Call under exclusive()."""
     live = []
     for entry in _holders_dir().iterdir():
-        pid = int(entry.name) if entry.name.isdigit() else None
-        recorded = entry.read_text().strip() if pid is not None and not entry.is_symlink() else ""
-        if pid is not None and recorded == str(process_start_time(pid)):
-            live.append(pid)
+        if not entry.is_symlink() and is_locked(entry):
+            live.append(entry.name)
         else:
-            entry.unlink(missing_ok=True)  # died without leaving (kill -9), or its pid is reused
-    return live
+            entry.unlink(missing_ok=True)  # died without leaving (kill -9), or not ours
+    return sorted(live)
 
 
 @contextlib.contextmanager
@@ -85,7 +106,7 @@ def open_datapath(flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE) -> Iterator[Da
     """Load (or reuse the pins of) the datapath for the life of the with-block."""
     check_privileges()
     ensure_bpffs()
-    holder: Path | None = None
+    holder: Holder | None = None
     datapath = None
     try:
         with exclusive():
@@ -97,7 +118,7 @@ def open_datapath(flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE) -> Iterator[Da
     finally:
         if holder is not None:
             with exclusive():
-                holder.unlink(missing_ok=True)
+                holder.leave()
             release_if_unheld(datapath)
         if datapath is not None:
             datapath.close()

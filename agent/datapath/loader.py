@@ -4,6 +4,8 @@ Run as a short-lived child (`python -m agent.datapath.loader`, see program.run_l
 BCC and LLVM cost ~165 MB resident after a compile, and none of it may stay in a
 long-running agent. Pinned, the program and maps outlive this process; the caller
 opens the program's pin and attaches it by fd. The caller holds the datapath lock.
+What it compiled goes to the program cache (agent/datapath/program_cache.py), so the
+next cold start of this source on this kernel loads it without BCC and without us.
 
 A UserError is reported as one JSON line on stdout (message, exit code, detail), so
 the caller can raise it as its own.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -20,12 +23,16 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from agent.datapath import program_cache
 from agent.datapath.attach import PROGRAM_NAME
+from agent.datapath.cached_load import map_id, map_spec, relocations_of, with_map_fds
 from agent.datapath.headers import ensure_kernel_headers
 from agent.datapath.maps import MAP_PINS, POLICY_TABLE_SIZE
-from agent.datapath.program import PROGRAM_PIN_PREFIX, bpf_source_dir, program_pin
-from agent.datapath.syscalls import obj_pin
+from agent.datapath.program import bpf_source_dir, program_pin, replace_program_pins
+from agent.datapath.program_cache import CompiledProgram
+from agent.datapath.syscalls import obj_get
 from agent.errors import EXIT_KERNEL, UserError
 
 log = logging.getLogger(__name__)
@@ -58,17 +65,51 @@ def load_and_pin(flow_table_size: int, pin_dir: Path) -> Path:
                 detail="\n".join(lines[-40:]),
             ) from None
     pin = program_pin(flow_table_size, pin_dir)
-    _replace_program_pins(program.fd, pin)
+    replace_program_pins(program.fd, pin)
+    try:
+        compiled = _compiled(bpf, pin_dir)
+    except (KeyError, OSError, ValueError) as exc:
+        log.warning("cannot cache the compiled program (%s): the next cold start compiles again", exc)
+    else:
+        program_cache.save(program_cache.cache_key(flow_table_size, source.parent), compiled)
     return pin
 
 
-def _replace_program_pins(program_fd: int, pin: Path) -> None:
-    """Pin this build; unpin older builds (filters still using one keep it alive)."""
-    pin.unlink(missing_ok=True)
-    obj_pin(program_fd, pin)
-    for old in pin.parent.glob(f"{PROGRAM_PIN_PREFIX}*"):
-        if old != pin:
-            old.unlink(missing_ok=True)
+def _compiled(bpf: Any, pin_dir: Path) -> CompiledProgram:
+    """What loads this program again without BCC: its instructions with the map fds
+    zeroed, which map each fd was (by BCC's table fds, and pinned ones by map id)."""
+    from bcc.libbcc import lib
+
+    # libbcc's table index functions, which bcc's Python binding leaves undeclared
+    lib.bpf_num_tables.argtypes, lib.bpf_num_tables.restype = [ctypes.c_void_p], ctypes.c_size_t
+    lib.bpf_table_fd_id.argtypes = lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.bpf_table_name.restype = ctypes.c_char_p
+    tables = {
+        lib.bpf_table_fd_id(bpf.module, index): lib.bpf_table_name(bpf.module, index).decode()
+        for index in range(lib.bpf_num_tables(bpf.module))
+    }
+    specs = {}  # every pinned map, even one the program never loads: user space opens them all
+    pins_by_id = {}
+    for name in MAP_PINS:
+        fd = obj_get(pin_dir / name)
+        try:
+            specs[name] = map_spec(fd, name, pinned=True)
+            pins_by_id[map_id(fd)] = name
+        finally:
+            os.close(fd)
+    instructions = bpf.dump_func(PROGRAM_NAME.encode())
+    relocations = []
+    for index, fd in relocations_of(instructions):
+        name = pins_by_id.get(map_id(fd)) or tables[fd]
+        specs.setdefault(name, map_spec(fd, name, pinned=False))
+        relocations.append((index, name))
+    return CompiledProgram(
+        name=PROGRAM_NAME,
+        license=lib.bpf_module_license(bpf.module).decode(),
+        instructions=with_map_fds(instructions, dict.fromkeys((index for index, _ in relocations), 0)),
+        maps=tuple(specs.values()),
+        relocations=tuple(relocations),
+    )
 
 
 @contextlib.contextmanager

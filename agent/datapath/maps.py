@@ -6,6 +6,7 @@ Every layout here mirrors a struct in bpf/egress_maps.h.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -14,17 +15,19 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from agent.datapath.percpu import merge_flow_copies, possible_cpus, sum_u64_copies
 from agent.datapath.pinned import PinnedMap
 from agent.datapath.ringbuf import RingBuffer
-from agent.datapath.syscalls import BPF_MAP_LOOKUP_ELEM, MapElemAttr, sys_bpf
+from agent.datapath.syscalls import BPF_MAP_LOOKUP_ELEM, MapElemAttr, prepared_bpf
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 5  # EGRESS_TOP_LAYOUT in bpf/egress_maps.h
+LAYOUT_VERSION = 6  # EGRESS_TOP_LAYOUT in bpf/egress_maps.h
 BPFFS = Path("/sys/fs/bpf")
 # The datapath stamps flows with CLOCK_MONOTONIC_COARSE (clock id 6 on Linux, not in Python's
 # time module), read once per jiffy: behind CLOCK_MONOTONIC by up to the last timekeeping
@@ -56,55 +59,25 @@ STAT_FLOWS_CREATED = 0
 STAT_MOVED_LOST = 2
 MOVED_FLOWS_BYTES = 1 << 22  # the moved_flows ring buffer's data bytes
 
-# Mirrors of struct flow_key / struct flow_stats (bpf/egress_maps.h).
-FLOW_KEY_DTYPE = np.dtype(
-    [
-        ("ifindex", "<u4"),
-        ("family", "u1"),
-        ("proto", "u1"),
-        ("src_port", "<u2"),
-        ("dst_port", "<u2"),
-        ("pad", "<u2"),
-        ("src_addr", "V16"),
-        ("dst_addr", "V16"),
-    ]
-)
-FLOW_STATS_DTYPE = np.dtype(
-    [
-        ("bytes", "<u8"),
-        ("packets", "<u8"),
-        ("first_seen_ns", "<u8"),
-        ("last_seen_ns", "<u8"),
-        ("dropped_bytes", "<u8"),
-        ("dropped_packets", "<u8"),
-        ("rule_id", "<u4"),
-        ("verdict", "<u4"),
-        ("epoch", "<u4"),
-        ("pad", "<u4"),
-    ]
-)
-
 _ENDPOINT = struct.Struct("=II")  # struct endpoint_info
 _IFINDEX = struct.Struct("=I")
 # struct ifindex_counters: packets and bytes, IfindexCounters' fields, the overflow_* totals
 _IFINDEX_COUNTERS = struct.Struct("=14Q")
 _COUNTERS_AFTER_TOTALS = slice(2, 12)
 VETH_COUNTER_SLOTS = 1024
-# struct veth_counters: a claimant ifindex, then a struct ifindex_counters
-VETH_COUNTERS_DTYPE = np.dtype(
-    [
-        ("ifindex", "<u4"),
-        ("cached_generation", "<u4"),
-        ("cached_slot", "<u4"),
-        ("cached_flags", "<u4"),
-        ("cached_rule_kinds", "<u4"),
-        ("pad", "<u4"),
-        ("counters", "<u8", (_IFINDEX_COUNTERS.size // 8,)),
-    ]
-)
 _POLICY_KEY_HEAD = struct.Struct("=IIBBH")  # struct policy_lpm_key up to its address
 CONFIG_F_HOLD_UNKNOWN = 1
 _RULE_STATS = struct.Struct("=3Q")  # struct rule_stats
+
+
+def __getattr__(name: str) -> object:
+    """The numpy layouts (agent/datapath/layouts.py), imported when first asked for: a
+    process that only writes policy (egress-block) never loads numpy."""
+    if name in ("FLOW_KEY_DTYPE", "FLOW_STATS_DTYPE", "VETH_COUNTERS_DTYPE"):
+        from agent.datapath import layouts
+
+        return getattr(layouts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class DatapathConfig(ctypes.Structure):
@@ -198,6 +171,8 @@ class Maps:
         self.datapath_config = PinnedMap(pin_dir / "datapath_config")
         self.moved_flows = PinnedMap(pin_dir / "moved_flows")
         self.flow_table_size = self.flows.max_entries
+        # flow_stats copies per lookup: 1, the flow table is shared (struct flow_stats)
+        self.flow_copies = possible_cpus() if self.flows.percpu else 1
         self._batch_supported = True
         self._config_memory = mmap.mmap(
             self.datapath_config.fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
@@ -234,10 +209,14 @@ class Maps:
     # --- flows ------------------------------------------------------------------------
 
     def read_flows(self) -> FlowTableRead:
-        """The whole flow table, each flow's per-CPU copies merged."""
+        """The whole flow table, as merged flow_stats values."""
+        import numpy as np
+
+        from agent.datapath.layouts import FLOW_KEY_DTYPE, FLOW_STATS_DTYPE
+
         started = _monotonic_ns() - COARSE_CLOCK_SLACK_NS
         keys = np.empty(self.flow_table_size, FLOW_KEY_DTYPE)
-        copies = np.empty((self.flow_table_size, possible_cpus()), FLOW_STATS_DTYPE)
+        copies = np.empty((self.flow_table_size, self.flow_copies), FLOW_STATS_DTYPE)
         count = self.flows.lookup_batch(keys, copies) if self._batch_supported else None
         if count is None:
             self._batch_supported = False
@@ -246,6 +225,10 @@ class Maps:
 
     def _lookup_one_by_one(self, keys: np.ndarray, copies: np.ndarray) -> int:
         """For kernels without batch lookups (before 5.6)."""
+        import numpy as np
+
+        from agent.datapath.layouts import FLOW_KEY_DTYPE, FLOW_STATS_DTYPE
+
         items = self.flows.items()[: len(keys)]
         for row, (key, value) in enumerate(items):
             keys[row] = np.frombuffer(key, FLOW_KEY_DTYPE)[0]
@@ -255,22 +238,28 @@ class Maps:
     def lookup_flows(self, keys: np.ndarray) -> FlowTableRead:
         """Just these flows (FLOW_KEY_DTYPE keys), as read_flows gives them; keys the LRU
         evicted meanwhile are left out. One lookup syscall per key, straight into numpy."""
+        import numpy as np
+
+        from agent.datapath.layouts import FLOW_KEY_DTYPE, FLOW_STATS_DTYPE
+
         started = _monotonic_ns() - COARSE_CLOCK_SLACK_NS
         wanted = np.ascontiguousarray(keys, FLOW_KEY_DTYPE)
-        found = np.empty(len(wanted), FLOW_KEY_DTYPE)
-        copies = np.empty((len(wanted), possible_cpus()), FLOW_STATS_DTYPE)
+        copies = np.empty((len(wanted), self.flow_copies), FLOW_STATS_DTYPE)
         attr = MapElemAttr(self.flows.fd, 0, 0, 0, 0)
-        count = 0
+        lookup = prepared_bpf(BPF_MAP_LOOKUP_ELEM, attr)
+        keys_at, key_size = wanted.ctypes.data, FLOW_KEY_DTYPE.itemsize
+        values_at, value_size = copies.ctypes.data, copies.strides[0]
+        found: list[int] = []
         for row in range(len(wanted)):
-            attr.key = wanted.ctypes.data + row * FLOW_KEY_DTYPE.itemsize
-            attr.value = copies.ctypes.data + count * copies.strides[0]
-            try:
-                sys_bpf(BPF_MAP_LOOKUP_ELEM, attr)
-            except FileNotFoundError:
-                continue
-            found[count] = wanted[row]
-            count += 1
-        return FlowTableRead(found[:count], merge_flow_copies(copies[:count]), _monotonic_ns(), started)
+            attr.key = keys_at + row * key_size
+            attr.value = values_at + len(found) * value_size
+            failed = lookup()
+            if not failed:
+                found.append(row)
+            elif failed != errno.ENOENT:  # ENOENT: evicted since it moved
+                raise OSError(failed, f"BPF_MAP_LOOKUP_ELEM on the flow table: {os.strerror(failed)}")
+        copies = copies[: len(found)]
+        return FlowTableRead(wanted[found], merge_flow_copies(copies), _monotonic_ns(), started)
 
     def bump_epoch(self) -> int:
         """Start a new epoch: from now on each flow's first packet announces its key in
@@ -284,15 +273,18 @@ class Maps:
         last call, and how many announcements the full ring buffer lost meanwhile. keys is
         None when any were lost: then only read_flows() tells everything that moved.
         One consumer at a time: the ring buffer has a single consumer position."""
+        import numpy as np
+
+        from agent.datapath.layouts import FLOW_KEY_DTYPE
+
         if self._moved_ring is None:
             self._moved_ring = RingBuffer(self.moved_flows.fd, self.moved_flows.max_entries)
             self._moved_lost_seen = self._stat(STAT_MOVED_LOST)
-        records = self._moved_ring.drain()
+        raw = self._moved_ring.drain_fixed(FLOW_KEY_DTYPE.itemsize)
         lost_so_far = self._stat(STAT_MOVED_LOST)  # read after the drain: a loss is never missed
         lost, self._moved_lost_seen = lost_so_far - self._moved_lost_seen, lost_so_far
         if lost:
             return None, lost
-        raw = b"".join(record[: FLOW_KEY_DTYPE.itemsize] for record in records)
         announced = np.frombuffer(raw, f"V{FLOW_KEY_DTYPE.itemsize}")
         return np.unique(announced).view(FLOW_KEY_DTYPE), 0
 
@@ -317,6 +309,10 @@ class Maps:
     def _ifindex_values(self) -> dict[int, list[int]]:
         """struct ifindex_counters per veth: its claimed veth_counters copies plus its
         ifindex_counters entry (bpf/egress_maps.h, struct veth_counters)."""
+        import numpy as np
+
+        from agent.datapath.layouts import VETH_COUNTERS_DTYPE
+
         fields = _IFINDEX_COUNTERS.size // 8
         sums = {
             _IFINDEX.unpack(key)[0]: sum_u64_copies(value, fields)
@@ -360,6 +356,8 @@ class Maps:
         return totals
 
     def read_rule_hits(self) -> dict[int, RuleHits]:
+        import numpy as np
+
         hits = {}
         for key, value in self.rule_stats.items():
             copies = np.frombuffer(value, "<u8").reshape(-1, _RULE_STATS.size // 8)

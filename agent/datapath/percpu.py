@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np  # imported where the sums are made: possible_cpus() needs none
 
 
 @functools.cache
@@ -24,13 +26,21 @@ def possible_cpus() -> int:
 
 def sum_u64_copies(raw: bytes, fields: int) -> np.ndarray:
     """A value of `fields` u64 counters, summed over its per-CPU copies."""
+    import numpy as np
+
     return np.frombuffer(raw, "<u8").reshape(-1, fields).sum(axis=0, dtype=np.uint64)
 
 
 def merge_flow_copies(copies: np.ndarray) -> np.ndarray:
-    """(flows, cpus) struct flow_stats copies -> one per flow (rules in bpf/egress_maps.h):
-    counters add up, first_seen_ns is the least non-zero one, last_seen_ns the greatest,
-    rule_id and verdict come from the copy that saw the last packet, epoch is the greatest."""
+    """(flows, copies) struct flow_stats -> one per flow: counters add up, first_seen_ns is
+    the least non-zero one, last_seen_ns the greatest, rule_id and verdict come from the
+    copy that saw the last packet, epoch is the greatest. The flow table is shared now (one
+    copy, bpf/egress_maps.h); a per-CPU table would give one per CPU."""
+    import numpy as np
+
+    if copies.shape[1] == 1:
+        return copies[:, 0].copy()
+
     merged = np.zeros(len(copies), copies.dtype)
     for counter in ("bytes", "packets", "dropped_bytes", "dropped_packets"):
         merged[counter] = copies[counter].sum(axis=1, dtype=np.uint64)

@@ -1,9 +1,11 @@
 """The loaded program: which build serves this datapath, loading it in a child, opening its pin.
 
 BCC and LLVM stay out of this process: a short-lived child (agent/datapath/loader.py)
-compiles, loads and pins the program next to the maps. The pin's name carries a
-fingerprint of the source, the table sizes and the kernel, so a process that finds
-a matching pin attaches it at once, without compiling.
+compiles, loads and pins the program next to the maps, and leaves what it compiled
+in a cache (agent/datapath/program_cache.py) that later cold starts load by raw
+syscalls, without the child. The pin's name carries a fingerprint of the source, the
+table sizes and the kernel, so a process that finds a matching pin attaches it at
+once, loading nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agent.datapath import program_cache
 from agent.datapath.attach import attach
+from agent.datapath.cached_load import load_compiled
 from agent.datapath.maps import (
     DEFAULT_FLOW_TABLE_SIZE,
     PIN_DIR,
@@ -26,7 +30,7 @@ from agent.datapath.maps import (
     pinned_flow_table_size,
     pins_exist,
 )
-from agent.datapath.syscalls import obj_get
+from agent.datapath.syscalls import obj_get, obj_pin
 from agent.errors import EXIT_KERNEL, UserError
 
 log = logging.getLogger(__name__)
@@ -65,7 +69,7 @@ class Datapath(Maps):
     def __init__(self, flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE, pin_dir: Path = PIN_DIR):
         flow_table_size = _flow_table_in_force(flow_table_size, pin_dir)
         pin = program_pin(flow_table_size, pin_dir)
-        if not (pin.exists() and pins_exist(pin_dir)):
+        if not (pin.exists() and pins_exist(pin_dir)) and not load_from_cache(flow_table_size, pin_dir):
             run_loader(flow_table_size, pin_dir)
         self.program_fd = obj_get(pin)
         super().__init__(pin_dir)
@@ -90,6 +94,32 @@ def _flow_table_in_force(requested: int, pin_dir: Path) -> int:
         requested,
     )
     return pinned
+
+
+def load_from_cache(flow_table_size: int, pin_dir: Path) -> bool:
+    """Load and pin the build the cache holds for this source and kernel, without BCC;
+    False when there is none (or it would not load): then the loader compiles."""
+    compiled = program_cache.load(program_cache.cache_key(flow_table_size, bpf_source_dir()))
+    if compiled is None:
+        return False
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    program_fd = load_compiled(compiled, pin_dir)
+    if program_fd is None:
+        return False
+    try:
+        replace_program_pins(program_fd, program_pin(flow_table_size, pin_dir))
+    finally:
+        os.close(program_fd)
+    return pins_exist(pin_dir)
+
+
+def replace_program_pins(program_fd: int, pin: Path) -> None:
+    """Pin this build; unpin older builds (filters still using one keep it alive)."""
+    pin.unlink(missing_ok=True)
+    obj_pin(program_fd, pin)
+    for old in pin.parent.glob(f"{PROGRAM_PIN_PREFIX}*"):
+        if old != pin:
+            old.unlink(missing_ok=True)
 
 
 def run_loader(flow_table_size: int, pin_dir: Path) -> None:

@@ -78,7 +78,7 @@ def veths(count: int) -> Iterator[list[int]]:
 
 @contextlib.contextmanager
 def on_one_cpu() -> Iterator[None]:
-    """Pin this thread to one CPU: the datapath's per-CPU copies then see every packet."""
+    """Pin this thread to one CPU: one per-CPU copy (veth counters) then sees every packet."""
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(before)})
     try:

@@ -1,5 +1,5 @@
 """The cross-process lifecycle for real: root-only lock files, bounded waits that name the
-holder, holders that a reused pid cannot impersonate, a flow table nobody swaps."""
+holder, holders known by a lock (no pid to reuse or to misread across namespaces), a flow table nobody swaps."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from lab import UPSTREAM_V4, Lab, wait_until
 from runner import EgressTop, nothing_left_behind, run_cli, veth_ifindexes
 
 from agent.datapath import RUN_DIR, PinnedMap, live_holders, our_filters, pins_exist
-from agent.datapath.lifecycle import process_start_time, register_holder
+from agent.datapath.lifecycle import exclusive
 from agent.datapath.maps import PIN_DIR
 from agent.errors import EXIT_PERMISSION, EXIT_STORE, UserError
 from agent.lockfile import bounded_lock, private_dir
@@ -176,29 +176,45 @@ def test_a_held_store_lock_fails_egress_block_in_bound_and_changes_nothing(state
 # --- holders -----------------------------------------------------------------------------
 
 
-def test_a_stale_holder_with_a_reused_pid_is_cleaned_and_does_not_keep_the_datapath(lab: Lab) -> None:
+HOLD_AS_HOLDER = (
+    "import time\nfrom agent.datapath.lifecycle import exclusive, register_holder\n"
+    "with exclusive():\n    register_holder()\nprint('held', flush=True)\ntime.sleep(120)\n"
+)
+
+
+def test_a_holder_is_live_by_its_lock_not_its_pid(lab: Lab) -> None:
+    """A live holder keeps the datapath, even from another pid namespace (a Swarm task's pid
+    means nothing on the host); a file nobody locks, whatever pid it names, does not."""
     container = lab.container("stale", network=lab.network())
     veths = veth_ifindexes(lab.pid(container))
-    bystander = subprocess.Popen(["sleep", "120"])  # a live pid that never opened the datapath
+    # control: a holder in its own pid namespace (its pid there is 1) keeps the program attached
+    in_pid_namespace = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-c", HOLD_AS_HOLDER],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        # control: a true holder (right start time) keeps the program attached after we leave
-        register_holder(bystander.pid)
+        assert in_pid_namespace.stdout is not None
+        assert in_pid_namespace.stdout.readline().strip() == "held"
+        [record] = [p.name for p in (RUN_DIR / "holders").iterdir()]
+        assert record.startswith("1-")  # the pid it has in its namespace
         assert run_cli("egress-top", "--json", "-n", "1", "-i", "0.1").returncode == 0
         assert veths <= set(our_filters()) and pins_exist()
-        assert live_holders() == [bystander.pid]
+        with exclusive():
+            assert live_holders() == [record]
 
-        # the same pid with another start time is a reused pid: not a holder
-        (RUN_DIR / "holders" / str(bystander.pid)).write_text(f"{process_start_time(bystander.pid) - 1}\n")
-        dead = subprocess.Popen(["true"])
-        dead.wait()
-        (RUN_DIR / "holders" / str(dead.pid)).write_text("1\n")  # a kill -9'd holder
+        # a record whose process is gone (kill -9 releases the lock) and one naming a live pid
+        # that never locked it are both departed: the next one in sweeps them, the last one out cleans
+        in_pid_namespace.kill()
+        in_pid_namespace.wait(timeout=10)
+        (RUN_DIR / "holders" / f"{os.getpid()}-forged").write_text("")
         result = run_cli("egress-top", "--json", "-n", "1", "-i", "0.1")
         assert result.returncode == 0, result.stderr
         assert sorted(p.name for p in (RUN_DIR / "holders").iterdir()) == []
         assert set(our_filters()) & veths == set() and not pins_exist()
     finally:
-        bystander.kill()
-        bystander.wait()
+        in_pid_namespace.kill()
+        in_pid_namespace.wait()
 
 
 # --- the flow table and the pinned program ------------------------------------------------

@@ -36,7 +36,7 @@ def datapath() -> Iterator[Datapath]:
 
 @pytest.fixture
 def program(datapath: Datapath) -> Iterator[Program]:
-    with on_one_cpu():  # one per-CPU copy per flow: one announcement per flow and epoch
+    with on_one_cpu():  # no two CPUs racing on a first packet: one announcement per flow and epoch
         yield Program(datapath.program_fd, skb_context(IFINDEX))
 
 

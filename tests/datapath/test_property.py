@@ -10,7 +10,7 @@ per-rule counters must equal what README promises:
 - the packet side (`reference_parse`): which addresses, protocol and ports the
   parser must extract, and when it cannot reach the transport header (then a
   container with rules drops the packet as dropped_unparsed);
-- the rule side: agent/policy.py `winning_rule`, README's matching semantics.
+- the rule side: agent/policy/semantics.py `winning_rule`, README's matching semantics.
 """
 
 from __future__ import annotations

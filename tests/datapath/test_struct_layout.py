@@ -24,14 +24,13 @@ from c_layout import c_values
 from agent.datapath import maps
 from agent.model import Verdict
 from agent.policy import (
-    _POLICY_LPM_KEY,
-    _POLICY_RULE,
     POLICY_ALLOW,
     POLICY_DROP,
     POLICY_KEY_FIXED_BITS,
     Rule,
     lpm_entries,
 )
+from agent.policy.compile import POLICY_LPM_KEY_STRUCT, POLICY_RULE_STRUCT
 
 NUMPY_MIRRORS = {
     "flow_key": maps.FLOW_KEY_DTYPE,
@@ -52,8 +51,8 @@ STRUCT_MIRRORS: dict[str, tuple[struct.Struct, tuple[str, ...]]] = {
         ),
     ),
     "rule_stats": (maps._RULE_STATS, ("packets", "bytes", "last_hit_ns")),
-    "policy_lpm_key": (_POLICY_LPM_KEY, ("prefixlen", "slot", "proto", "family", "port", "addr")),
-    "policy_rule": (_POLICY_RULE, ("rule_id", "action", "addr_prefixlen", "pad")),
+    "policy_lpm_key": (POLICY_LPM_KEY_STRUCT, ("prefixlen", "slot", "proto", "family", "port", "addr")),
+    "policy_rule": (POLICY_RULE_STRUCT, ("rule_id", "action", "addr_prefixlen", "pad")),
 }
 CONSTANTS = {
     "EGRESS_TOP_LAYOUT": maps.LAYOUT_VERSION,
