@@ -1,6 +1,6 @@
 """Start-up: `egress-top --json --count 1 -i 0.1` with nothing of ours loaded (a cold start,
 and where its time goes), twice over: with an empty compiled-program cache (the first cold
-start after a boot: BCC compiles) and with the cache the previous start filled (a later
+start on a kernel: BCC compiles) and with the cache the previous start filled (a later
 cold start: the program loads without BCC); then beside a running agent (the datapath
 loaded and pinned: the front end only opens the pins).
 

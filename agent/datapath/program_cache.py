@@ -6,9 +6,12 @@ saves it here: the instructions (map fds zeroed, a relocation table naming the m
 each BPF_LD_IMM64 loads), every map's create attributes, and the license. The next
 cold start loads that with raw syscalls (agent/datapath/cached_load.py).
 
-The kernel part of the key holds the mtime of /sys/kernel/btf/vmlinux, which sysfs
-sets at boot: the program is compiled once per boot. The pin directory is not in the
-key: pin paths only tell BCC where to pin, they are not in the instructions.
+The kernel part of the key is the kernel's build (release, version string with its build
+date, machine, and the size of its BTF), not its boot: the instructions depend on UAPI
+only (helper ids, __sk_buff offsets), so the program is compiled once per kernel and a
+reboot into the same kernel loads it from here. Whatever the key, the kernel's verifier
+checks the program again at every load. The pin directory is not in the key: pin paths
+only tell BCC where to pin, they are not in the instructions.
 
 Root's alone: the directory 0700, entries 0600, never read through a symlink, never
 trusted when another user owns them or may write them (a planted program would run
@@ -71,12 +74,11 @@ def cache_dir() -> Path:
 
 
 def kernel_stamp() -> str:
-    """Which kernel, booted when: a new boot or kernel misses, so a stale build never loads."""
+    """Which kernel build: another kernel misses, so a program built for it never loads."""
     uname = os.uname()
     parts = [uname.release, uname.version, uname.machine]
     with contextlib.suppress(OSError):
-        info = os.stat(_VMLINUX_BTF)
-        parts += [str(info.st_size), str(info.st_mtime_ns)]
+        parts.append(str(os.stat(_VMLINUX_BTF).st_size))
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:_KERNEL_STAMP_PREFIX]
 
 
@@ -104,7 +106,7 @@ def _digest(key: str, body: dict) -> str:  # type: ignore[type-arg]
 
 def save(key: str, program: CompiledProgram) -> None:
     """Write the entry atomically (a reader sees the old one or the new one); drop entries
-    of other kernels or boots. A cache that cannot be written only costs the next compile."""
+    of other kernels. A cache that cannot be written only costs the next compile."""
     try:
         directory = private_dir(cache_dir())
         body = _encode(program)
@@ -124,7 +126,7 @@ def save(key: str, program: CompiledProgram) -> None:
 
 
 def _prune(directory: Path, keep: Path) -> None:
-    """Entries of other kernels or boots never load again: drop them. Of this kernel's
+    """Entries of other kernels never load again: drop them. Of this kernel's
     (one per source version and table size) keep `keep` and the newest others."""
     kernel = keep.name.split("-", 1)[0]
     dated = []
