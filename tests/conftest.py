@@ -23,6 +23,7 @@ from lab import (
     remove_stale,
     sh,
 )
+from runner import running_agent
 
 REPO = Path(__file__).resolve().parent.parent
 MACHINE_LOCK = Path("/tmp/ett-machine.lock")  # shared with bench/: one user of tc and netns at a time
@@ -69,6 +70,12 @@ def lab(docker_client: docker.DockerClient, test_image: str, upstream: Upstream)
             yield lab
         finally:
             lab.destroy()
+
+
+@pytest.fixture
+def agent() -> Iterator[subprocess.Popen[str]]:
+    """`egress-agent run -i 0.2` for the length of the test; it must exit 0 at the end."""
+    yield from running_agent()
 
 
 @pytest.fixture

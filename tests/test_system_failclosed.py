@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from docker.models.containers import Container
 from lab import PREFIX, RUN, TEST_IMAGE, UPSTREAM_V4, UPSTREAM_V4_BLOCKME, Lab, Sink, sh, wait_until
-from runner import only_enforcement_left_behind, run_cli, running_agent
+from runner import only_enforcement_left_behind, run_cli
 
 from agent.agent_status import read_live
 
@@ -53,11 +53,6 @@ def sender(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def state_dir(lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield from only_enforcement_left_behind(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def agent() -> Iterator[subprocess.Popen[str]]:
-    yield from running_agent()
 
 
 def cli(*args: str) -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from lab import UPSTREAM_V4_BLOCKME, Lab, network_of_driver, wait_until
-from runner import Agent, only_enforcement_left_behind, run_cli, running_agent
+from runner import Agent, only_enforcement_left_behind, run_cli
 
 from agent.agent_status import read_live
 
@@ -19,11 +18,6 @@ from agent.agent_status import read_live
 @pytest.fixture(autouse=True)
 def state_dir(lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield from only_enforcement_left_behind(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def agent() -> Iterator[subprocess.Popen[str]]:
-    yield from running_agent()
 
 
 def states() -> dict[str, str]:

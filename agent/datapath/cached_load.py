@@ -17,7 +17,7 @@ import struct
 from pathlib import Path
 
 from agent.datapath.program_cache import CompiledProgram, MapSpec
-from agent.datapath.syscalls import address, obj_get, obj_pin, sys_bpf
+from agent.datapath.syscalls import address, fd_info, obj_get, obj_pin, sys_bpf
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,9 @@ class ProgLoadAttr(ctypes.Structure):
     ]
 
 
-def _fdinfo(fd: int) -> dict[str, str]:
-    lines = Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
-    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
-
-
 def map_spec(fd: int, name: str, pinned: bool) -> MapSpec:
     """A loaded map's create attributes, from /proc/self/fdinfo."""
-    info = _fdinfo(fd)
+    info = fd_info(fd)
     return MapSpec(
         name=name,
         pinned=pinned,
@@ -82,7 +77,7 @@ def map_spec(fd: int, name: str, pinned: bool) -> MapSpec:
 
 
 def map_id(fd: int) -> int:
-    return int(_fdinfo(fd)["map_id"])
+    return int(fd_info(fd)["map_id"])
 
 
 def relocations_of(instructions: bytes) -> list[tuple[int, int]]:

@@ -19,6 +19,7 @@ from agent.datapath.syscalls import (
     BatchAttr,
     MapElemAttr,
     address,
+    fd_info,
     obj_get,
     sys_bpf,
 )
@@ -37,11 +38,7 @@ class PinnedMap:
 
     def __init__(self, path: Path):
         self.fd = obj_get(path)
-        info = dict(
-            line.split(":\t", 1)
-            for line in Path(f"/proc/self/fdinfo/{self.fd}").read_text().splitlines()
-            if ":\t" in line
-        )
+        info = fd_info(self.fd)
         self.key_size = int(info["key_size"])
         self.value_size = int(info["value_size"])
         self.max_entries = int(info["max_entries"])

@@ -109,6 +109,13 @@ def address(buffer: ctypes.Array) -> int:  # type: ignore[type-arg]
     return ctypes.addressof(buffer)
 
 
+def fd_info(fd: int) -> dict[str, str]:
+    """What the kernel says of a bpf fd of ours in /proc/self/fdinfo (map_type, key_size,
+    map_id, prog_tag, ...), field name to text."""
+    lines = Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
 def obj_get(path: Path) -> int:
     """An fd on a pinned map or program."""
     raw_path = ctypes.create_string_buffer(os.fsencode(path))

@@ -72,6 +72,17 @@ HOLD_DATAPATH = "import time\nfrom agent.datapath import exclusive\nwith exclusi
 HOLD_STORE = "import time\nfrom agent.policy import RuleStore\nwith RuleStore().transaction():\n    print('held', flush=True)\n    time.sleep(120)\n"
 
 
+def block_within_the_lock_bound() -> subprocess.CompletedProcess[str]:
+    """egress-block of a pending rule, its every wait on a lock bounded by LOCK_BOUND."""
+    return run_cli(
+        "egress-block",
+        "ett-later",
+        "198.51.100.9",
+        "--pending",
+        env={"EGRESS_TOP_LOCK_TIMEOUT": str(LOCK_BOUND)},
+    )
+
+
 # --- root only ---------------------------------------------------------------------------
 
 
@@ -127,13 +138,7 @@ def test_a_held_datapath_lock_fails_egress_block_in_bound_saying_what_it_left(st
     holder = Holder(HOLD_DATAPATH)
     try:
         started = time.monotonic()
-        result = run_cli(
-            "egress-block",
-            "ett-later",
-            "198.51.100.9",
-            "--pending",
-            env={"EGRESS_TOP_LOCK_TIMEOUT": str(LOCK_BOUND)},
-        )
+        result = block_within_the_lock_bound()
         took = time.monotonic() - started
     finally:
         holder.stop()
@@ -157,13 +162,7 @@ def test_a_held_store_lock_fails_egress_block_in_bound_and_changes_nothing(state
     before = (state_dir / "rules.json").read_bytes()
     holder = Holder(HOLD_STORE)
     try:
-        result = run_cli(
-            "egress-block",
-            "ett-later",
-            "198.51.100.9",
-            "--pending",
-            env={"EGRESS_TOP_LOCK_TIMEOUT": str(LOCK_BOUND)},
-        )
+        result = block_within_the_lock_bound()
     finally:
         holder.stop()
     assert result.returncode == EXIT_STORE, result.stderr

@@ -26,6 +26,7 @@ from agent.datapath import program_cache as cache
 from agent.datapath.cached_load import load_compiled, map_id
 from agent.datapath.maps import MAP_PINS
 from agent.datapath.program import bpf_source_dir
+from agent.datapath.syscalls import fd_info
 from agent.policy import Rule, lpm_entries
 
 pytestmark = pytest.mark.system
@@ -78,10 +79,9 @@ def entry_path(flow_table_size: int = TABLE_SIZE) -> Path:
 
 def program_tag(fd: int) -> str:
     """The kernel's hash of the instructions (map fds left out): equal for equal programs."""
-    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-        if line.startswith("prog_tag:"):
-            return line.split()[1]
-    raise AssertionError(f"fd {fd} is not a program")
+    tag = fd_info(fd).get("prog_tag")
+    assert tag is not None, f"fd {fd} is not a program"
+    return tag.strip()
 
 
 def pin_layout(pin_dir: Path) -> tuple[list[str], int]:
