@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bench.common import Results
 from bench.markdown import DASH, Data
+from bench.peers import peers_section
 from bench.report_datapath import datapath_section, per_packet_section, scaling_section, udp_ab_section
 from bench.report_host import agent_section, cold_start_section, latency_section, refresh_section
 from bench.targets import targets_section
@@ -49,7 +50,9 @@ def readme_block(results: Results) -> list[str]:
             "[bench/results/SUMMARY.md](bench/results/SUMMARY.md).",
             "",
         ]
+    agent = results.load("agent_cost")
     lines += targets_section(results) + (per_packet_section(cost) if cost else [])
+    lines += peers_section(agent) if agent else []
     return [*lines, README_END]
 
 
@@ -72,6 +75,7 @@ def write_summary(results: Results) -> Path:
         ("rule_scaling", scaling_section),
         ("read_and_aggregate", refresh_section),
         ("agent_cost", agent_section),
+        ("agent_cost", peers_section),
         ("latency", latency_section),
         ("cold_start", cold_start_section),
     ]

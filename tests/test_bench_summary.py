@@ -111,3 +111,30 @@ def test_cold_start_is_judged_for_a_first_and_a_cached_compile() -> None:
         "not measured",
         "not judged: no cache in this build",
     ]
+
+
+def test_the_readme_block_puts_the_agents_measured_cost_beside_its_peers(tmp_path: Path) -> None:
+    results = Results(tmp_path / "results", {"started": "2026-12-01T00:00:00+00:00", "profile": "full"})
+    usage = {"VmRSS_mb": {"max": 47.4}, "cpu_percent_of_one_core": 0.84}
+    results.write(
+        "agent_cost",
+        {
+            "containers": 200,
+            "real_flows": {"in_table": 100_000},
+            "flows_moving_per_second": 1_000,
+            "idle": {"VmRSS_mb": {"max": 38.2}, "cpu_percent_of_one_core": 0.41},
+            "real": usage,
+        },
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_BEGIN}\n{README_END}\n")
+
+    assert update_readme(results, readme)
+
+    text = readme.read_text()
+    assert "#### The agent beside its peers" in text
+    assert (
+        "| egress-agent, this run: 200 containers, 100,000 flows, 1,000 moving a second "
+        "| 47 MB VmRSS (empty table: 38 MB) | 0.8% of one core = 8 millicores (empty table: 0.4%) |"
+    ) in text
+    assert "| Cilium agent (per node) |" in text
