@@ -1,10 +1,11 @@
 """The running agent's health, published as a small root-only file for `egress-agent status`.
 
-A file and not a socket: the agent rewrites it once per interval (atomically, 0600 in
-the 0700 runtime directory), and a reader needs no live agent to learn that there is
-none: an absent file, an unlocked agent lock or a stale time all say so. The agent
-holds AGENT_LOCK for its whole life and the kernel drops it however the agent ends;
-a pid would not do, since an agent in a Swarm task has a pid of its own namespace.
+A file and not a socket: the agent rewrites it as it changes and at least every few
+seconds (atomically, 0600 in the 0700 runtime directory), and a reader needs no live
+agent to learn that there is none: an absent file, an unlocked agent lock or a stale
+time all say so. The agent holds AGENT_LOCK for its whole life and the kernel drops it
+however the agent ends; a pid would not do, since an agent in a Swarm task has a pid of
+its own namespace.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from agent.datapath import RUN_DIR
@@ -26,6 +27,7 @@ from agent.lockfile import open_private, private_dir
 STATUS_NAME = "agent-status.json"
 AGENT_LOCK = "agent.lock"
 STALE_AFTER_SECONDS = 15.0  # several missed intervals: the agent is stuck
+REWRITE_UNCHANGED_SECONDS = 5.0  # an unchanged status is rewritten this often: its time says "alive"
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,27 @@ def publish(status: AgentStatus) -> None:
     with os.fdopen(fd, "w") as out:
         json.dump(asdict(status), out)
     os.replace(scratch, path)
+
+
+class StatusPublisher:
+    """publish() for the agent's loop: a status that differs from the last one written only by
+    its time is written again once REWRITE_UNCHANGED_SECONDS have passed, not every interval
+    (a file written and renamed in /run each second was a tenth of the idle agent's CPU).
+    Readers take it as live until STALE_AFTER_SECONDS, well past that."""
+
+    def __init__(self) -> None:
+        self._written: AgentStatus | None = None
+
+    def __call__(self, status: AgentStatus) -> None:
+        last = self._written
+        if (
+            last is not None
+            and status.updated_at - last.updated_at < REWRITE_UNCHANGED_SECONDS
+            and replace(status, updated_at=last.updated_at) == last
+        ):
+            return
+        publish(status)
+        self._written = status
 
 
 def withdraw() -> None:

@@ -26,7 +26,7 @@ from typing import Any
 from agent.docker_api import DEFAULT_SOCKET, EngineClient, not_found
 from agent.errors import EXIT_DOCKER, EXIT_USAGE, UserError
 from agent.model import Container, Endpoint, Inventory
-from agent.rtnl_dump import RtnlSocket
+from agent.rtnl import RtnlSocket
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from agent.inventory import DockerInventory
 from agent.model import Inventory
-from agent.netlink import IPRoute
 from agent.retry import RetryStats, retried
+from agent.rtnl import Link, LinkEvents
 
 log = logging.getLogger(__name__)
 
@@ -169,48 +169,41 @@ class InventoryWatcher:
     def _follow_links(self) -> None:
         while not self._stop.is_set():
             try:
-                with IPRoute(rcvbuf=LINK_EVENTS_RCVBUF) as ipr:
-                    ipr.bind()
+                with LinkEvents(LINK_EVENTS_RCVBUF) as events:
                     while not self._stop.is_set():
-                        ready, _, _ = select.select([ipr.fileno(), self._wake_read], [], [])
-                        if ipr.fileno() in ready and not self._stop.is_set():
-                            for message in ipr.get():
-                                self._handle_link_message(message)
+                        ready, _, _ = select.select([events.fileno(), self._wake_read], [], [])
+                        if events.fileno() in ready and not self._stop.is_set():
+                            for link, removed in events.read():
+                                self._handle_link(link, removed)
             except Exception as exc:  # ENOBUFS: events were lost; a refresh finds what they said
                 if not self._stop.is_set():
                     self.stats.retry("link events")
                     log.warning("link event socket failed (%s): reopening, refreshing", exc)
                     self._dirty.set()
 
-    def _handle_link_message(self, message: Any) -> None:
-        kind = message.get("event")
-        info = message.get_attr("IFLA_LINKINFO")
-        if kind not in ("RTM_NEWLINK", "RTM_DELLINK") or info is None:
+    def _handle_link(self, link: Link, removed: bool) -> None:
+        if link.kind != "veth":
             return
-        if info.get_attr("IFLA_INFO_KIND") != "veth":
+        if removed:
+            self._on_link(LinkEvent(link.index, link.name, "", None, 0, removed=True))
             return
-        name = message.get_attr("IFLA_IFNAME") or ""
-        if kind == "RTM_DELLINK":
-            self._on_link(LinkEvent(message["index"], name, "", None, 0, removed=True))
-            return
-        master = message.get_attr("IFLA_MASTER")
-        if not master:
+        if not link.master:
             return
         try:
-            bridge = socket.if_indextoname(master)
+            bridge = socket.if_indextoname(link.master)
         except OSError:
             return
         event = LinkEvent(
-            ifindex=message["index"],
-            name=name,
+            ifindex=link.index,
+            name=link.name,
             bridge=bridge,
-            peer_netnsid=message.get_attr("IFLA_LINK_NETNSID"),
-            peer_ifindex=message.get_attr("IFLA_LINK") or 0,
+            peer_netnsid=link.peer_netnsid,
+            peer_ifindex=link.peer_index,
         )
         try:
             ours = self._on_link(event)
         except Exception as exc:
-            log.warning("cannot attach to new veth %s: %s", name, exc)
+            log.warning("cannot attach to new veth %s: %s", link.name, exc)
             ours = True
         if ours:
             self._dirty.set()

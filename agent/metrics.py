@@ -18,20 +18,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from agent.agent_status import AgentStatus
 from agent.datapath import IfindexCounters, RuleHits
 from agent.errors import EXIT_USAGE, UserError
 from agent.latency import LatencyCounts
+from agent.metrics_http import MetricsServer
+from agent.metrics_process import ProcessMetrics
+from agent.metrics_text import Family, Histogram, counter, gauge, render
 from agent.model import Snapshot
 from agent.policy import Rule
-
-if TYPE_CHECKING:
-    from prometheus_client.core import HistogramMetricFamily, Metric
-
-# prometheus_client is imported where it is used: every front end imports this module
-# (egress-agent's options), and only the agent serving /metrics needs the library.
 
 DEFAULT_LISTEN = "127.0.0.1:9847"
 REMOVED_SERIES_GRACE_SECONDS = 60.0  # as Hubble: a removed container's series go after a minute
@@ -121,8 +117,8 @@ class SnapshotMetrics:
         for key in expired:
             del self._series[key]
 
-    def collect(self) -> list[Metric]:
-        """Called by the registry at each scrape; built whole under the lock, then handed over."""
+    def collect(self) -> list[Family | Histogram]:
+        """Called at each scrape; built whole under the lock, then handed over."""
         latest = self._latest
         if latest is None:
             return []  # nothing polled yet: no series rather than made-up zeros
@@ -163,62 +159,64 @@ class SnapshotMetrics:
                 series.unparsed_dropped[1] += unparsed_bytes
         self._veth_drops_seen = now
 
-    def _container_families(self) -> Iterator[Metric]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        labels = [*CONTAINER_LABELS, "proto", "dst_kind"]
-        sent_bytes = CounterMetricFamily(
+    def _container_families(self) -> Iterator[Family]:
+        labels = (*CONTAINER_LABELS, "proto", "dst_kind")
+        sent_bytes = Family(
             f"{PREFIX}_container_egress_bytes",
+            "counter",
             "Bytes the container sent out of its veths since the agent started, dropped ones included.",
-            labels=labels,
+            labels,
         )
-        sent_packets = CounterMetricFamily(
+        sent_packets = Family(
             f"{PREFIX}_container_egress_packets",
+            "counter",
             "Packets the container sent out of its veths since the agent started, dropped ones included.",
-            labels=labels,
+            labels,
         )
-        overflow = CounterMetricFamily(
+        overflow = Family(
             f"{PREFIX}_container_overflow_packets",
+            "counter",
             "Packets past the container's flow share: counted, but in no proto/dst_kind series.",
-            labels=list(CONTAINER_LABELS),
+            CONTAINER_LABELS,
         )
-        active = GaugeMetricFamily(
+        active = Family(
             f"{PREFIX}_container_active_flows",
+            "gauge",
             "Flows of the container that moved in the last interval.",
-            labels=list(CONTAINER_LABELS),
+            CONTAINER_LABELS,
         )
-        unparsed_packets = CounterMetricFamily(
+        unparsed_packets = Family(
             f"{PREFIX}_container_unparsed_dropped_packets",
+            "counter",
             "Packets dropped because the container has rules and their transport header was out of reach.",
-            labels=list(CONTAINER_LABELS),
+            CONTAINER_LABELS,
         )
-        unparsed_bytes = CounterMetricFamily(
+        unparsed_bytes = Family(
             f"{PREFIX}_container_unparsed_dropped_bytes",
+            "counter",
             "Bytes of the packets counted in container_unparsed_dropped_packets.",
-            labels=list(CONTAINER_LABELS),
+            CONTAINER_LABELS,
         )
         for key, series in sorted(self._series.items()):
-            active.add_metric(list(key), series.active_flows)
-            overflow.add_metric(list(key), series.overflow_packets)
+            active.add(key, series.active_flows)
+            overflow.add(key, series.overflow_packets)
             if any(series.unparsed_dropped):  # as egress: no series before the first such drop
-                unparsed_packets.add_metric(list(key), series.unparsed_dropped[0])
-                unparsed_bytes.add_metric(list(key), series.unparsed_dropped[1])
+                unparsed_packets.add(key, series.unparsed_dropped[0])
+                unparsed_bytes.add(key, series.unparsed_dropped[1])
             for (proto, kind), (byte_count, packet_count) in sorted(series.egress.items()):
-                sent_bytes.add_metric([*key, proto, kind], byte_count)
-                sent_packets.add_metric([*key, proto, kind], packet_count)
+                sent_bytes.add((*key, proto, kind), byte_count)
+                sent_packets.add((*key, proto, kind), packet_count)
         yield from (sent_bytes, sent_packets, overflow, active, unparsed_packets, unparsed_bytes)
 
-    def _drop_families(self, rule_hits: Sequence[tuple[Rule, RuleHits]]) -> Iterator[Metric]:
+    def _drop_families(self, rule_hits: Sequence[tuple[Rule, RuleHits]]) -> Iterator[Family]:
         """Drops by block rule, under the labels of the container the rule names (while it has
         series): rule hits are cumulative in the datapath and rule ids are never reused."""
-        from prometheus_client.core import CounterMetricFamily
-
-        labels = [*CONTAINER_LABELS, "rule_id"]
-        dropped_packets = CounterMetricFamily(
-            f"{PREFIX}_container_dropped_packets", "Packets a block rule dropped.", labels=labels
+        labels = (*CONTAINER_LABELS, "rule_id")
+        dropped_packets = Family(
+            f"{PREFIX}_container_dropped_packets", "counter", "Packets a block rule dropped.", labels
         )
-        dropped_bytes = CounterMetricFamily(
-            f"{PREFIX}_container_dropped_bytes", "Bytes a block rule dropped.", labels=labels
+        dropped_bytes = Family(
+            f"{PREFIX}_container_dropped_bytes", "counter", "Bytes a block rule dropped.", labels
         )
         # the running container's labels win over a removed namesake's: present ones come last
         by_name = {
@@ -228,70 +226,64 @@ class SnapshotMetrics:
             key = by_name.get(rule.container)
             if rule.action != "block" or key is None:
                 continue
-            dropped_packets.add_metric([*key, str(rule.rule_id)], hits.packets)
-            dropped_bytes.add_metric([*key, str(rule.rule_id)], hits.bytes)
+            dropped_packets.add((*key, str(rule.rule_id)), hits.packets)
+            dropped_bytes.add((*key, str(rule.rule_id)), hits.bytes)
         yield from (dropped_packets, dropped_bytes)
 
-    def _health_families(self, snapshot: Snapshot, health: AgentHealth) -> Iterator[Metric]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
+    def _health_families(self, snapshot: Snapshot, health: AgentHealth) -> Iterator[Family | Histogram]:
         status = health.status
         yield _histogram(
             f"{PREFIX}_attach_latency_seconds",
             "Time from a new veth's link event to the datapath attached to it.",
             health.attach_latency,
         )
-        yield CounterMetricFamily(
+        yield counter(
             f"{PREFIX}_inventory_refresh_retries",
             "Inventory refreshes (Docker, netlink) retried after an error.",
-            value=status.refresh_retries,
+            status.refresh_retries,
         )
-        yield CounterMetricFamily(
+        yield counter(
             f"{PREFIX}_inventory_refresh_failures",
             "Inventory refreshes that failed after their retries.",
-            value=status.refresh_failures,
+            status.refresh_failures,
         )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_flow_table_used", "Flows in the datapath's flow table.", value=snapshot.table.used
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_flow_table_size", "Flows the flow table holds at most.", value=snapshot.table.size
-        )
-        yield CounterMetricFamily(
+        yield gauge(f"{PREFIX}_flow_table_used", "Flows in the datapath's flow table.", snapshot.table.used)
+        yield gauge(f"{PREFIX}_flow_table_size", "Flows the flow table holds at most.", snapshot.table.size)
+        yield counter(
             f"{PREFIX}_flow_table_evictions",
             "Flows the LRU pushed out of the flow table since the datapath was loaded.",
-            value=self._evictions,
+            self._evictions,
         )
-        yield CounterMetricFamily(
+        yield counter(
             f"{PREFIX}_moved_events_lost",
             "Moved-flow announcements lost to a full ring buffer (a full table read made up for them).",
-            value=self._moved_events_lost,
+            self._moved_events_lost,
         )
-        yield CounterMetricFamily(
+        yield counter(
             f"{PREFIX}_flows_restarted",
             "Flows evicted and re-created between two reads: their packets in between were missed.",
-            value=self._flows_restarted,
+            self._flows_restarted,
         )
-        yield GaugeMetricFamily(
+        yield gauge(
             f"{PREFIX}_containers_enforced",
             "Running containers with rules in force on every veth.",
-            value=len(status.containers_enforced),
+            len(status.containers_enforced),
         )
-        yield GaugeMetricFamily(
+        yield gauge(
             f"{PREFIX}_containers_not_enforced",
             "Running containers whose rules are not in force on every veth (see egress-agent status).",
-            value=len(status.not_enforced),
+            len(status.not_enforced),
         )
-        yield GaugeMetricFamily(f"{PREFIX}_rules", "Rules in the rule store.", value=status.rules)
-        yield CounterMetricFamily(
+        yield gauge(f"{PREFIX}_rules", "Rules in the rule store.", status.rules)
+        yield counter(
             f"{PREFIX}_unknown_veth_held_packets",
             "Packets dropped on veths not yet known to the agent (held closed while any rule exists).",
-            value=self._held[0],
+            self._held[0],
         )
-        yield CounterMetricFamily(
+        yield counter(
             f"{PREFIX}_unknown_veth_held_bytes",
             "Bytes of the packets counted in unknown_veth_held_packets.",
-            value=self._held[1],
+            self._held[1],
         )
 
 
@@ -304,14 +296,12 @@ def _unjudged(counters: IfindexCounters) -> UnjudgedDrops:
     )
 
 
-def _histogram(name: str, documentation: str, latency: LatencyCounts) -> HistogramMetricFamily:
-    from prometheus_client.core import HistogramMetricFamily
-
+def _histogram(name: str, documentation: str, latency: LatencyCounts) -> Histogram:
     cumulative, buckets = 0, []
     for bound, count in zip((*map(str, latency.bounds), "+Inf"), latency.counts, strict=True):
         cumulative += count
         buckets.append((bound, cumulative))
-    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=latency.total_seconds)
+    return Histogram(name, documentation, tuple(buckets), latency.total_seconds)
 
 
 def parse_listen(text: str) -> tuple[str, int] | None:
@@ -334,31 +324,17 @@ def serving(listen: tuple[str, int] | None, metrics: SnapshotMetrics) -> Iterato
     if listen is None:
         yield lambda: None
         return
-    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
-
-    registry = CollectorRegistry()
-    registry.register(metrics)
-    ProcessCollector(registry=registry)  # the agent's own CPU and memory
+    process = ProcessMetrics()  # the agent's own CPU and memory, after the Snapshot's families
     host, port = listen
     try:
-        server, thread = start_http_server(port, host, registry)
+        server = MetricsServer(host, port, lambda: render([*metrics.collect(), *process.collect()]))
     except OSError as exc:
         raise UserError(
             f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}: "
             "choose another with --metrics ADDR:PORT, or --metrics off",
             EXIT_USAGE,
         ) from None
-    stopped = False
-
-    def stop() -> None:
-        nonlocal stopped
-        if not stopped:
-            stopped = True
-            server.shutdown()  # waits for a scrape in progress
-            server.server_close()
-            thread.join(timeout=5)
-
     try:
-        yield stop
+        yield server.stop
     finally:
-        stop()
+        server.stop()

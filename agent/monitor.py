@@ -165,11 +165,12 @@ class Monitor:
         self.enforcer.on_inventory(inventory)
 
     def enforcement(self) -> dict[str, ContainerEnforcement]:
+        rules = self.enforcer.contents.rules
+        if not rules:  # no state to tell: the endpoint map is not walked for nothing
+            return {}
         with self._lock:
             attached = set(self._attached)
-        return enforcement_states(
-            self.enforcer.contents.rules, self.inventory, attached, self.datapath.policy_endpoints()
-        )
+        return enforcement_states(rules, self.inventory, attached, self.datapath.policy_endpoints())
 
     def poll(self) -> Snapshot:
         self.enforcer.tick()

@@ -24,8 +24,9 @@ from agent.flows import TableRead
 from agent.lockfile import open_private, private_dir
 
 CONSUMER_LOCK = "moved-flows.lock"
-# One lookup syscall per moved flow: a batched read of the whole table costs less once
-# more than this share of it moved.
+# A lookup per moved flow (by the lookup program, agent/datapath/flow_lookup.py, or a
+# syscall each on older kernels): a batched read of the whole table costs less once more
+# than this share of it moved.
 MOVED_SHARE_FOR_A_FULL_READ = 1 / 8
 # Timestamps are CLOCK_MONOTONIC_COARSE, up to a tick behind CLOCK_MONOTONIC: a read is
 # taken to start that much earlier, so a packet counted just after it starts is not missed.

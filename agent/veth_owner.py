@@ -23,8 +23,8 @@ from typing import Any
 from agent.docker_api import EngineClient
 from agent.inventory import bridge_name, in_netns
 from agent.inventory_watch import LinkEvent
-from agent.netlink import IPRoute
 from agent.retry import RetryStats
+from agent.rtnl import RtnlSocket
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +47,32 @@ class SandboxNetns:
         self._lock = threading.Lock()
 
     def path(self, nsid: int) -> Path | None:
-        with self._lock, IPRoute() as ipr:
+        with self._lock, RtnlSocket() as rtnl:
             cached = self._paths.get(nsid)
-            if cached is not None and _nsid_of(ipr, cached) == nsid:
+            if cached is not None and _nsid_of(rtnl, cached) == nsid:
                 return cached
             entries = sorted(self._dir.iterdir()) if self._dir.is_dir() else []
-            self._paths = {n: entry for entry in entries if (n := _nsid_of(ipr, entry)) is not None}
+            self._paths = {n: entry for entry in entries if (n := _nsid_of(rtnl, entry)) is not None}
             return self._paths.get(nsid)
 
 
-def _nsid_of(ipr: IPRoute, path: Path) -> int | None:
+def _nsid_of(rtnl: RtnlSocket, path: Path) -> int | None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        answer = ipr.get_netnsid(fd=fd)
-    except Exception:  # not a netns (yet), or gone
+        return rtnl.netnsid(fd)
+    except OSError:  # not a netns (yet), or gone
         return None
     finally:
         os.close(fd)
-    nsid = answer.get("nsid") if answer else None
-    return None if nsid is None or nsid >= 2**31 else nsid  # NETNSA_NSID_NOT_ASSIGNED
 
 
 def _mac_in(netns: Path, ifindex: int) -> str:
     def read() -> str:
-        with IPRoute() as ipr:
-            return (ipr.get_links(ifindex)[0].get_attr("IFLA_ADDRESS") or "").lower()
+        with RtnlSocket() as rtnl:
+            return rtnl.link(ifindex).mac
 
     return in_netns(str(netns), read)
 

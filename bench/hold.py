@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import socket
 import struct
 import subprocess
 import sys
@@ -29,10 +30,9 @@ import threading
 import time
 from pathlib import Path
 
-from pyroute2 import IPRoute
-
 from agent.datapath import Maps, open_pinned_maps
 from agent.datapath.maps import CONFIG_F_HOLD_UNKNOWN
+from agent.rtnl import LinkEvents
 from bench.agent_process import start_agent
 from bench.common import Results, latency_summary, machine_lock, progress
 from bench.environment import (
@@ -85,8 +85,7 @@ class LinkWatch:
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def start(self) -> None:
-        with IPRoute() as ipr:
-            self._bridge = ipr.link_lookup(ifname=NETWORK_BRIDGE)[0]
+        self._bridge = socket.if_nametoindex(NETWORK_BRIDGE)
         self._thread.start()
 
     def stop(self) -> None:
@@ -95,24 +94,15 @@ class LinkWatch:
 
     def _watch(self) -> None:
         seen: set[int] = set()
-        with IPRoute() as ipr:
-            ipr.bind()
+        with LinkEvents(1 << 20) as events:
             while not self._stop.is_set():
-                if not select.select([ipr.fileno()], [], [], 0.2)[0]:
+                if not select.select([events], [], [], 0.2)[0]:
                     continue
-                for message in ipr.get():
-                    moved = message.get_attr("IFLA_LINK_NETNSID") is not None
-                    ours = message.get_attr("IFLA_MASTER") == self._bridge
-                    if (
-                        message.get("event") == "RTM_NEWLINK"
-                        and moved
-                        and ours
-                        and message["index"] not in seen
-                    ):
-                        seen.add(message["index"])
-                        threading.Thread(
-                            target=self._time_entry, args=(message["index"],), daemon=True
-                        ).start()
+                for link, removed in events.read():
+                    moved = link.peer_in_other_netns
+                    if not removed and moved and link.master == self._bridge and link.index not in seen:
+                        seen.add(link.index)
+                        threading.Thread(target=self._time_entry, args=(link.index,), daemon=True).start()
 
     def _time_entry(self, ifindex: int) -> None:
         moved = time.monotonic()

@@ -11,9 +11,18 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/if_ether.h>
-#include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
+
+/* The IPv4 protocol numbers (IANA's, fixed), not <uapi/linux/in.h>: under BCC's kernel
+ * include paths it pulls in the kernel's socket headers, parsed in each of BCC's three
+ * passes, which doubled the compile (1.1 s -> 0.55 s CPU without it; the same
+ * instructions). The IPv6 ones come with ipv6.h (in6.h). */
+#define IPPROTO_ICMP 1
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define IPPROTO_AH 51
+#define IPPROTO_SCTP 132
 
 #include "egress_maps.h"
 

@@ -89,3 +89,14 @@ def test_install_refuses_to_overwrite_and_uninstall_keeps_a_foreign_file(tmp_pat
     assert kept.returncode == 0, kept.stderr
     assert kept.stdout.splitlines() == [f"kept {foreign}: not ours"]
     assert foreign.read_text() == FOREIGN
+
+
+def test_every_package_of_the_source_tree_is_in_the_wheel() -> None:
+    """A subpackage missing from [tool.setuptools] packages works from the work tree (editable
+    install) and fails only in the image: compare the list with the tree."""
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    in_tree = {
+        ".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "agent").rglob("__init__.py")
+    }
+    assert in_tree, "no package found under agent/"
+    assert in_tree - listed == set()

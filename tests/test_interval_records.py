@@ -307,3 +307,42 @@ def test_an_aggregator_without_flows_gives_the_same_container_rows() -> None:
         assert [r | {"time": 0} for r in rows] == [
             container_record(s, full) | {"time": 0} for s in full.stats
         ], f"refresh {at}"
+
+
+def test_veth_totals_of_a_container_are_summed_and_a_reused_slot_never_goes_negative() -> None:
+    """Two veths of one container, one (of no container) unknown to the inventory, and veths
+    whose counters restart below their last value (the slot was reused): the delta is then
+    the new count, as for a veth first seen this interval."""
+    two_legs = Container(
+        id="c" * 64,
+        name="router",
+        image="x",
+        endpoints=(Endpoint(20, "veth20", "front", "br0"), Endpoint(21, "veth21", "back", "br0")),
+    )
+    inventory = Inventory(containers=(WEB, two_legs))
+    sequence = [
+        totals(veth10=(5, 500, 0), veth20=(10, 1000, 0), veth99=(7, 700, 0)),
+        totals(veth10=(8, 800, 1), veth20=(12, 1200, 0), veth21=(3, 300, 2), veth99=(9, 900, 0)),
+        totals(veth10=(2, 200, 0), veth20=(15, 1500, 0), veth21=(4, 400, 2)),
+    ]
+    aggregator = FlowAggregator(build_flows=False)
+    rows = []
+    for at, veths in enumerate(sequence, start=1):
+        snapshot = aggregator.update(table_read({}, at, veths, 0, complete=at == 1), inventory)
+        rows.append(
+            {
+                s.container.name: (
+                    s.packets_total,
+                    s.bytes_total,
+                    s.packets_delta,
+                    s.bytes_delta,
+                    s.overflow_packets_delta,
+                )
+                for s in snapshot.stats
+            }
+        )
+    assert rows == [
+        {"web": (5, 500, 0, 0, 0), "router": (10, 1000, 0, 0, 0)},  # the baseline
+        {"web": (8, 800, 3, 300, 1), "router": (15, 1500, 5, 500, 2)},  # veth21 new: all of it
+        {"web": (2, 200, 2, 200, 0), "router": (19, 1900, 4, 400, 0)},  # veth10 restarted
+    ]

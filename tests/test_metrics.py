@@ -1,4 +1,6 @@
-"""Snapshot -> Prometheus text, on fixed Snapshots (pure: no kernel, no Docker)."""
+"""Snapshot -> Prometheus text, on fixed Snapshots (pure: no kernel, no Docker). Every scrape
+here is checked against prometheus_client, the oracle (tests/metrics_oracle.py): it renders
+the same families itself and both texts must say the same."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import shutil
 import subprocess
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from metrics_oracle import assert_same_as_prometheus_client, oracle_text
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.agent_status import AgentStatus
@@ -14,6 +16,7 @@ from agent.datapath import IfindexCounters, RuleHits
 from agent.errors import UserError
 from agent.latency import LatencyHistogram
 from agent.metrics import AgentHealth, SnapshotMetrics, parse_listen
+from agent.metrics_text import render
 from agent.model import (
     Container,
     ContainerStats,
@@ -108,9 +111,10 @@ class Clock:
 
 
 def scrape(metrics: SnapshotMetrics) -> str:
-    registry = CollectorRegistry()
-    registry.register(metrics)
-    return generate_latest(registry).decode()
+    families = metrics.collect()
+    text = render(families)
+    assert_same_as_prometheus_client(text, oracle_text(families))
+    return text
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -1,5 +1,6 @@
 """/metrics of the real agent: exact counts of real traffic, promtool's check, a real
-Prometheus scraping it, drops by rule, and removed containers' series going away."""
+Prometheus scraping it, drops by rule, removed containers' series going away, and what
+serving them costs the agent in imports (run under tests/audit_imports.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -18,6 +20,7 @@ import test_system_evasion as evasion
 from lab import UPSTREAM_V4, UPSTREAM_V4_BLOCKME, UPSTREAM_V6, Lab, Upstream, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from runner import Agent, run_cli
+from test_metrics_http import HEAVY_MODULES, get
 
 from agent.datapath import PIN_DIR, our_filters
 
@@ -43,11 +46,21 @@ def http_get(url: str) -> str:
 
 
 class MetricsAgent(Agent):
-    def __init__(self) -> None:
+    def __init__(self, imports_log: Path) -> None:
         self.port = free_port()
+        self.imports_log = imports_log
         super().__init__(
-            "-i", "0.2", "--metrics", f"127.0.0.1:{self.port}", "--metrics-grace", str(GRACE_SECONDS)
+            "-i",
+            "0.2",
+            "--metrics",
+            f"127.0.0.1:{self.port}",
+            "--metrics-grace",
+            str(GRACE_SECONDS),
+            prefix=(sys.executable, str(Path(__file__).with_name("audit_imports.py")), str(imports_log)),
         )
+
+    def imported(self) -> set[str]:
+        return set(self.imports_log.read_text().splitlines())
 
     def scrape(self) -> str:
         return http_get(f"http://127.0.0.1:{self.port}/metrics")
@@ -63,7 +76,7 @@ class MetricsAgent(Agent):
 @pytest.fixture
 def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MetricsAgent]:
     monkeypatch.setenv("EGRESS_TOP_STATE_DIR", str(tmp_path / "state"))
-    agent = MetricsAgent()
+    agent = MetricsAgent(tmp_path / "agent-imports.txt")
     try:
         agent.wait_ready()
         wait_until(lambda: "egress_top_flow_table_size" in agent.scrape(), timeout=10)  # polled once
@@ -232,6 +245,25 @@ def test_removed_container_series_vanish_after_the_grace(
     wait_until(lambda: not has_series(leaving.name), timeout=GRACE_SECONDS + 10)
     assert time.monotonic() - removed_at >= GRACE_SECONDS  # kept for the grace, not dropped at once
     assert has_series(staying.name)  # control: only the removed one's series went
+
+
+def test_the_serving_agent_imports_no_http_tls_or_prometheus_client(agent: MetricsAgent) -> None:
+    """The metrics are served by our own writer and server: the agent, scraped, never loads
+    http.server, http.client, ssl, urllib.request, email or prometheus_client."""
+    address = ("127.0.0.1", agent.port)
+    status, headers, body = get(address, "/metrics")
+    assert (
+        status == "HTTP/1.1 200 OK" and headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    )
+    families = {family.name for family in text_string_to_metric_families(body.decode())}
+    assert {"egress_top_flow_table_size", "process_resident_memory_bytes", "process_cpu_seconds"} <= families
+    assert get(address, "/metrics", method="HEAD")[2] == b""
+    assert get(address, "/nothing")[0] == "HTTP/1.1 404 Not Found"
+    assert agent.stop() == 0  # every import it made, shutdown's included, is in the log now
+    imported = agent.imported()
+    assert {"agent.cli.agent", "agent.metrics_http", "socketserver"} <= imported  # control: the hook saw them
+    heavy = [name for name in imported for of in HEAVY_MODULES if name == of or name.startswith(f"{of}.")]
+    assert heavy == []
 
 
 def test_a_taken_port_is_refused_before_anything_is_attached(lab: Lab) -> None:

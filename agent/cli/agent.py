@@ -11,7 +11,7 @@ from typing import TextIO
 
 import click
 
-from agent.agent_status import agent_presence, publish, read_live, withdraw
+from agent.agent_status import StatusPublisher, agent_presence, read_live, withdraw
 from agent.cli.common import HELP_OPTIONS, reports_errors, verbose_option
 from agent.cli.monitoring import flow_table_option, interval_option, intervals, monitoring
 from agent.cli.ruleset import apply_to_store, describe_changes
@@ -140,6 +140,7 @@ def run(
         monitoring(client, flow_table_size, resolve_every, build_flows=export_path is not None) as monitor,
     ):
         observed = [c for c in monitor.inventory.containers if c.endpoints]
+        publish = StatusPublisher()  # rewrites an unchanged status every few seconds, not each interval
         publish(monitor.status())  # before "ready": a front end run right after it sees the agent
         click.echo(
             f"egress-agent: ready: {len(observed)} containers observed, watching for new ones", err=True

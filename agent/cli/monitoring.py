@@ -6,15 +6,17 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from agent.datapath import DEFAULT_FLOW_TABLE_SIZE, open_datapath
+from agent.datapath import DEFAULT_FLOW_TABLE_SIZE, open_datapath, start_loading
 from agent.docker_api import EngineClient
 from agent.enforcement import NAME_REFRESH_SECONDS
-from agent.monitor import Monitor
 from agent.policy import RuleStore
+
+if TYPE_CHECKING:
+    from agent.monitor import Monitor
 
 
 def interval_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -55,7 +57,10 @@ def monitoring(
     only the container totals and their egress by kind, which /metrics reads)."""
     store = RuleStore()
     store.load()  # a corrupt store is refused before anything is attached
-    with open_datapath(flow_table_size) as datapath:
+    loading = start_loading(flow_table_size)
+    from agent.monitor import Monitor  # imported (numpy...) while a first start compiles
+
+    with open_datapath(flow_table_size, loading) as datapath:
         monitor = Monitor(
             datapath, client, store, name_refresh_seconds=name_refresh_seconds, build_flows=build_flows
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import click
 
@@ -14,13 +15,15 @@ from agent.datapath import check_privileges
 from agent.export import write_ndjson
 from agent.inventory import DockerInventory, connect_docker, require_containers
 from agent.model import Inventory, Snapshot
-from agent.monitor import Monitor
+
+if TYPE_CHECKING:
+    from agent.monitor import Monitor  # imported by monitoring(), beside a first start's compile
 
 SORT_KEYS = ("rate", "bytes", "packets", "flows", "drops", "name")
 
 
-def _container_filter(inventory: Inventory, refs: tuple[str, ...]) -> set[str] | None:
-    return {c.id for c in require_containers(inventory, refs)} if refs else None
+def _container_filter(inventory: Inventory, refs: tuple[str, ...]) -> set[str]:
+    return {c.id for c in require_containers(inventory, refs)}
 
 
 @click.command(context_settings=HELP_OPTIONS)
@@ -70,8 +73,9 @@ def egress_top(
     """Live per-container egress: which container talks to whom, and how much."""
     check_privileges()
     client = connect_docker()
-    # Unknown --container names fail here, before anything is attached.
-    only = _container_filter(DockerInventory(client).snapshot(), containers)
+    # Unknown --container names fail here, before anything is attached (without any, no
+    # inventory yet: the monitor takes its own).
+    only = _container_filter(DockerInventory(client).snapshot(), containers) if containers else None
     with monitoring(client, flow_table_size) as monitor:
         if not as_json and sys.stdout.isatty():
             _run_tui(monitor, interval, count, sort, flows_per_container, only, no_color)

@@ -21,6 +21,7 @@ from agent.datapath.lifecycle import (
     open_datapath,
     release_if_unheld,
     remove_pins,
+    start_loading,
 )
 from agent.datapath.maps import (
     DEFAULT_FLOW_TABLE_SIZE,
@@ -75,4 +76,5 @@ __all__ = [
     "pins_exist",
     "release_if_unheld",
     "remove_pins",
+    "start_loading",
 ]

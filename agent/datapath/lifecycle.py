@@ -20,7 +20,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from agent.datapath.attach import detach, our_filters
 from agent.datapath.maps import DEFAULT_FLOW_TABLE_SIZE, PIN_DIR, Maps, open_pinned_maps
-from agent.datapath.program import Datapath
+from agent.datapath.program import Datapath, LoaderChild, needs_compile, start_loader
 from agent.datapath.system import check_privileges, ensure_bpffs
 from agent.lockfile import bounded_lock, open_private, private_dir
 
@@ -67,8 +66,9 @@ class Holder:
 def register_holder() -> Holder:
     """Call under exclusive(): live_holders() sweeps unlocked files under the same lock,
     so it never sees this file between its creation and its flock."""
-    # pid plus a random tag: pids of other pid namespaces may repeat ours
-    path = _holders_dir() / f"{os.getpid()}-{secrets.token_hex(4)}"
+    # pid plus a random tag: pids of other pid namespaces may repeat ours. os.urandom, not
+    # secrets: secrets imports hmac, which loads OpenSSL's libcrypto (+3.4 MB resident)
+    path = _holders_dir() / f"{os.getpid()}-{os.urandom(4).hex()}"
     fd = open_private(path, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return Holder(path, fd)
@@ -101,11 +101,27 @@ def live_holders() -> list[str]:
     return sorted(live)
 
 
-@contextlib.contextmanager
-def open_datapath(flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE) -> Iterator[Datapath]:
-    """Load (or reuse the pins of) the datapath for the life of the with-block."""
+def start_loading(flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE) -> LoaderChild | None:
+    """On a first start (see program.needs_compile) start the compile now, in the loader
+    child, so the caller's own start-up (imports, Docker) runs beside it; hand the child
+    to open_datapath. None when opening the datapath compiles nothing."""
     check_privileges()
     ensure_bpffs()
+    if not needs_compile(flow_table_size):
+        return None
+    return start_loader(flow_table_size, PIN_DIR, exclusive=True)
+
+
+@contextlib.contextmanager
+def open_datapath(
+    flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE, loading: LoaderChild | None = None
+) -> Iterator[Datapath]:
+    """Load (or reuse the pins of) the datapath for the life of the with-block;
+    loading: the child start_loading() gave, waited for first."""
+    check_privileges()
+    ensure_bpffs()
+    if loading is not None:
+        loading.wait()  # before our lock: the child holds it while it compiles
     holder: Holder | None = None
     datapath = None
     try:

@@ -3,7 +3,8 @@
 Run as a short-lived child (`python -m agent.datapath.loader`, see program.run_loader):
 BCC and LLVM cost ~165 MB resident after a compile, and none of it may stay in a
 long-running agent. Pinned, the program and maps outlive this process; the caller
-opens the program's pin and attaches it by fd. The caller holds the datapath lock.
+opens the program's pin and attaches it by fd. The caller holds the datapath lock,
+or (--exclusive: a first start's early compile, lifecycle.start_loading) we take it.
 What it compiled goes to the program cache (agent/datapath/program_cache.py), so the
 next cold start of this source on this kernel loads it without BCC and without us.
 
@@ -29,6 +30,7 @@ from agent.datapath import program_cache
 from agent.datapath.attach import PROGRAM_NAME
 from agent.datapath.cached_load import map_id, map_spec, relocations_of, with_map_fds
 from agent.datapath.headers import ensure_kernel_headers
+from agent.datapath.lifecycle import exclusive
 from agent.datapath.maps import MAP_PINS, POLICY_TABLE_SIZE
 from agent.datapath.program import bpf_source_dir, program_pin, replace_program_pins
 from agent.datapath.program_cache import CompiledProgram
@@ -129,13 +131,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.datapath.loader", description=__doc__)
     parser.add_argument("--flow-table-size", type=int, required=True)
     parser.add_argument("--pin-dir", type=Path, required=True)
+    parser.add_argument(
+        "--exclusive",
+        action="store_true",
+        help="take the datapath lock (the caller does not); compile only if nothing is pinned by then",
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s", stream=sys.stderr
     )
     try:
-        load_and_pin(args.flow_table_size, args.pin_dir)
+        if args.exclusive:
+            with exclusive():
+                if not args.pin_dir.exists():  # else another process loaded it meanwhile
+                    load_and_pin(args.flow_table_size, args.pin_dir)
+        else:
+            load_and_pin(args.flow_table_size, args.pin_dir)
     except UserError as exc:
         print(json.dumps({"message": str(exc), "exit_code": exc.exit_code, "detail": exc.detail}))
         return 1

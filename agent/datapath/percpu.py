@@ -24,13 +24,6 @@ def possible_cpus() -> int:
     return total
 
 
-def sum_u64_copies(raw: bytes, fields: int) -> np.ndarray:
-    """A value of `fields` u64 counters, summed over its per-CPU copies."""
-    import numpy as np
-
-    return np.frombuffer(raw, "<u8").reshape(-1, fields).sum(axis=0, dtype=np.uint64)
-
-
 def merge_flow_copies(copies: np.ndarray) -> np.ndarray:
     """(flows, copies) struct flow_stats -> one per flow: counters add up, first_seen_ns is
     the least non-zero one, last_seen_ns the greatest, rule_id and verdict come from the
@@ -38,8 +31,8 @@ def merge_flow_copies(copies: np.ndarray) -> np.ndarray:
     copy, bpf/egress_maps.h); a per-CPU table would give one per CPU."""
     import numpy as np
 
-    if copies.shape[1] == 1:
-        return copies[:, 0].copy()
+    if copies.shape[1] == 1:  # a view: a complete read of 100,000 flows is 6.4 MB not copied
+        return copies[:, 0]
 
     merged = np.zeros(len(copies), copies.dtype)
     for counter in ("bytes", "packets", "dropped_bytes", "dropped_packets"):

@@ -10,7 +10,6 @@ once, loading nothing.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import json
 import logging
@@ -45,9 +44,8 @@ def bpf_source_dir() -> Path:
 
 def program_fingerprint(flow_table_size: int, pin_dir: Path = PIN_DIR) -> str:
     """Changes whenever a rebuild would give another program: source, sizes, pin paths, kernel."""
-    digest = hashlib.sha256()
-    for source in sorted(bpf_source_dir().glob("*.[ch]")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    digest = program_cache.new_digest()
+    program_cache.add_sources(digest, bpf_source_dir())
     digest.update(f"{flow_table_size}/{POLICY_TABLE_SIZE}/{pin_dir}/{os.uname().release}".encode())
     return digest.hexdigest()[:16]
 
@@ -61,6 +59,13 @@ def pinned_program_matches(flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE, pin_d
     compiles nothing (so it needs no kernel headers)."""
     size = pinned_flow_table_size(pin_dir) or flow_table_size
     return pins_exist(pin_dir) and program_pin(size, pin_dir).exists()
+
+
+def needs_compile(flow_table_size: int, pin_dir: Path = PIN_DIR) -> bool:
+    """A first start: nothing of ours is pinned and the cache holds no build of this
+    source for this kernel, so opening the datapath compiles (~1 s)."""
+    key = program_cache.cache_key(flow_table_size, bpf_source_dir())
+    return not pin_dir.exists() and not program_cache.has_entry(key)
 
 
 class Datapath(Maps):
@@ -124,6 +129,12 @@ def replace_program_pins(program_fd: int, pin: Path) -> None:
 
 def run_loader(flow_table_size: int, pin_dir: Path) -> None:
     """Compile, load and pin in a child; its UserError comes back as ours."""
+    start_loader(flow_table_size, pin_dir).wait()
+
+
+def start_loader(flow_table_size: int, pin_dir: Path, exclusive: bool = False) -> LoaderChild:
+    """The loader child, started; exclusive: it takes the datapath lock itself and compiles
+    only if nothing is pinned by then (the caller does not hold the lock)."""
     command = [
         sys.executable,
         "-P",  # never import from the working directory: this runs as root
@@ -134,26 +145,42 @@ def run_loader(flow_table_size: int, pin_dir: Path) -> None:
         "--pin-dir",
         str(pin_dir),
     ]
+    if exclusive:
+        command.append("--exclusive")
     if log.isEnabledFor(logging.DEBUG):
         command.append("--verbose")
-    try:
-        child = subprocess.run(command, capture_output=True, text=True, timeout=LOADER_TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-        raise UserError(
-            f"the BPF loader did not finish within {LOADER_TIMEOUT_SECONDS}s: run with --verbose", EXIT_KERNEL
-        ) from None
-    if child.returncode == 0:
-        for line in child.stderr.splitlines():
-            log.warning("%s", line)  # the loader's own log lines (header fallback...)
-        return
-    report = _error_report(child.stdout)
-    if report is None:
-        raise UserError(
-            f"the BPF loader failed (exit {child.returncode}): run with --verbose for its log",
-            EXIT_KERNEL,
-            detail=child.stderr.strip(),
-        )
-    raise UserError(report["message"], report["exit_code"], detail=report.get("detail"))
+    return LoaderChild(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+
+class LoaderChild:
+    """A running loader child; wait() for its outcome."""
+
+    def __init__(self, process: subprocess.Popen[str]):
+        self.process = process
+
+    def wait(self) -> None:
+        """Until it exits; its UserError raised as ours."""
+        try:
+            stdout, stderr = self.process.communicate(timeout=LOADER_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise UserError(
+                f"the BPF loader did not finish within {LOADER_TIMEOUT_SECONDS}s: run with --verbose",
+                EXIT_KERNEL,
+            ) from None
+        if self.process.returncode == 0:
+            for line in stderr.splitlines():
+                log.warning("%s", line)  # the loader's own log lines (header fallback...)
+            return
+        report = _error_report(stdout)
+        if report is None:
+            raise UserError(
+                f"the BPF loader failed (exit {self.process.returncode}): run with --verbose for its log",
+                EXIT_KERNEL,
+                detail=stderr.strip(),
+            )
+        raise UserError(report["message"], report["exit_code"], detail=report.get("detail"))
 
 
 def _error_report(stdout: str) -> dict | None:  # type: ignore[type-arg]

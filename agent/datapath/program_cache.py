@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import stat
+
+# CPython's own blake2b (what hashlib.blake2b is): importing hashlib would load OpenSSL's
+# libcrypto (+3.4 MB resident) into the long-running agent for these few digests.
+from _blake2 import blake2b
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 
 CACHE_DIR = Path("/var/cache/egress-top")
 CACHE_DIR_ENV = "EGRESS_TOP_PROGRAM_CACHE"  # tests point it at a directory of their own
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: blake2b digests and keys
 _VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 _KERNEL_STAMP_PREFIX = 16  # hex digits of the kernel's digest that start an entry's name
 MAX_ENTRIES = 16  # a developer editing bpf/ makes one per build; a host, one per table size
@@ -79,14 +82,23 @@ def kernel_stamp() -> str:
     parts = [uname.release, uname.version, uname.machine]
     with contextlib.suppress(OSError):
         parts.append(str(os.stat(_VMLINUX_BTF).st_size))
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:_KERNEL_STAMP_PREFIX]
+    return new_digest("\0".join(parts).encode()).hexdigest()[:_KERNEL_STAMP_PREFIX]
+
+
+def new_digest(data: bytes = b"") -> blake2b:
+    return blake2b(data, digest_size=32)
+
+
+def add_sources(digest: blake2b, source_dir: Path) -> None:
+    """The BPF sources, each by name and content, into digest."""
+    for source in sorted(source_dir.glob("*.[ch]")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
 
 
 def cache_key(flow_table_size: int, source_dir: Path) -> str:
     """Everything the compiled instructions depend on; a file name of its own."""
-    digest = hashlib.sha256(f"format {CACHE_FORMAT}\0".encode())
-    for source in sorted(source_dir.glob("*.[ch]")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    digest = new_digest(f"format {CACHE_FORMAT}\0".encode())
+    add_sources(digest, source_dir)
     digest.update(
         f"FLOW_TABLE_SIZE={flow_table_size}\0POLICY_TABLE_SIZE={POLICY_TABLE_SIZE}\0"
         f"pins={','.join(sorted(MAP_PINS))}\0program={PROGRAM_NAME}".encode()
@@ -101,7 +113,7 @@ def _encode(program: CompiledProgram) -> dict:  # type: ignore[type-arg]
 
 
 def _digest(key: str, body: dict) -> str:  # type: ignore[type-arg]
-    return hashlib.sha256(json.dumps([key, body], sort_keys=True).encode()).hexdigest()
+    return new_digest(json.dumps([key, body], sort_keys=True).encode()).hexdigest()
 
 
 def save(key: str, program: CompiledProgram) -> None:
@@ -138,6 +150,11 @@ def _prune(directory: Path, keep: Path) -> None:
     for _, entry in dated:
         if entry not in kept:
             entry.unlink(missing_ok=True)
+
+
+def has_entry(key: str) -> bool:
+    """Whether an entry for key is there (load() still checks it)."""
+    return (cache_dir() / f"{key}.json").exists()
 
 
 def load(key: str) -> CompiledProgram | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-from collections.abc import Callable
 from pathlib import Path
 
 from agent.errors import EXIT_KERNEL, UserError
@@ -37,9 +36,11 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
+BPF_PROG_TEST_RUN = 10
 BPF_MAP_LOOKUP_BATCH = 24
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_syscall_without_errno = ctypes.CDLL(None).syscall
 
 
 def bpf_syscall_number(machine: str | None = None) -> int:
@@ -85,6 +86,28 @@ class BatchAttr(ctypes.Structure):
     ]
 
 
+class TestRunAttr(ctypes.Structure):
+    """union bpf_attr, the BPF_PROG_TEST_RUN member (include/uapi/linux/bpf.h)."""
+
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64),
+        ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32),
+        ("duration", ctypes.c_uint32),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_uint64),
+        ("ctx_out", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
 def sys_bpf(cmd: int, attr: ctypes.Structure) -> int:
     result = _libc.syscall(bpf_syscall_number(), cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     if result < 0:
@@ -93,16 +116,14 @@ def sys_bpf(cmd: int, attr: ctypes.Structure) -> int:
     return result
 
 
-def prepared_bpf(cmd: int, attr: ctypes.Structure) -> Callable[[], int]:
-    """bpf(cmd, attr) as a call made again and again on the same attr (the caller changes its
-    fields in between): 0, or the errno it failed with. Resolving the syscall number and the
-    attr's address once makes a lookup per moved flow ~3x cheaper than sys_bpf's."""
-    call, number, pointer, size = _libc.syscall, bpf_syscall_number(), ctypes.byref(attr), ctypes.sizeof(attr)
-
-    def again() -> int:
-        return 0 if call(number, cmd, pointer, size) >= 0 else ctypes.get_errno()
-
-    return again
+def bpf_each(cmd: int, attrs: ctypes.Array[ctypes.c_char], size: int) -> list[int]:
+    """bpf(cmd, attr) for each `size`-byte attr laid end to end in `attrs`:
+    each call's result, negative when it failed. The errno is not kept (the caller asks again
+    with sys_bpf for the few that fail): at a lookup per moved flow, copying errno after each
+    call and setting an attr's fields between calls made the Python side of a lookup cost as
+    much as the syscall (1,000 lookups on a private 100,000-flow table: 2.8 -> 1.7 ms)."""
+    call, number, at = _syscall_without_errno, bpf_syscall_number(), ctypes.byref
+    return [call(number, cmd, at(attrs, offset), size) for offset in range(0, len(attrs) - size + 1, size)]
 
 
 def address(buffer: ctypes.Array) -> int:  # type: ignore[type-arg]

@@ -14,32 +14,9 @@ from dataclasses import dataclass
 
 from c_layout import c_values
 
-from agent.datapath.syscalls import sys_bpf
+from agent.datapath.syscalls import BPF_PROG_TEST_RUN, TestRunAttr, sys_bpf
 
-BPF_PROG_TEST_RUN = 10
 TC_ACT_UNSPEC, TC_ACT_SHOT = 0xFFFFFFFF, 2  # retval is a u32: -1 is UNSPEC
-
-
-class _RunAttr(ctypes.Structure):
-    """union bpf_attr, the BPF_PROG_TEST_RUN member (include/uapi/linux/bpf.h)."""
-
-    _fields_ = [
-        ("prog_fd", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32),
-        ("data_size_in", ctypes.c_uint32),
-        ("data_size_out", ctypes.c_uint32),
-        ("data_in", ctypes.c_uint64),
-        ("data_out", ctypes.c_uint64),
-        ("repeat", ctypes.c_uint32),
-        ("duration", ctypes.c_uint32),
-        ("ctx_size_in", ctypes.c_uint32),
-        ("ctx_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_uint64),
-        ("ctx_out", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32),
-        ("cpu", ctypes.c_uint32),
-        ("batch_size", ctypes.c_uint32),
-    ]
 
 
 @dataclass
@@ -50,7 +27,7 @@ class Program:
     def run(self, frame: bytes) -> int:
         data = ctypes.create_string_buffer(frame, len(frame))
         out = ctypes.create_string_buffer(len(frame) + 256)
-        attr = _RunAttr(
+        attr = TestRunAttr(
             prog_fd=self.fd,
             data_size_in=len(frame),
             data_size_out=len(out),

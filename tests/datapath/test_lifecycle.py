@@ -18,9 +18,11 @@ import pytest
 from lab import UPSTREAM_V4, Lab, wait_until
 from runner import EgressTop, nothing_left_behind, run_cli, veth_ifindexes
 
-from agent.datapath import RUN_DIR, PinnedMap, live_holders, our_filters, pins_exist
-from agent.datapath.lifecycle import exclusive
+from agent.datapath import RUN_DIR, PinnedMap, live_holders, open_datapath, our_filters, pins_exist, program
+from agent.datapath.lifecycle import exclusive, start_loading
 from agent.datapath.maps import PIN_DIR
+from agent.datapath.program_cache import CACHE_DIR_ENV
+from agent.datapath.syscalls import fd_info
 from agent.errors import EXIT_PERMISSION, EXIT_STORE, UserError
 from agent.lockfile import bounded_lock, private_dir
 from agent.policy import RuleStore
@@ -258,3 +260,53 @@ def test_a_second_egress_top_with_another_flow_table_size_keeps_the_table(lab: L
         wait_until(lambda: first.flows_of(container.name).get(key, {}).get("packets") == 4, timeout=5)
     finally:
         assert first.stop() == 0, first.stderr
+
+
+# --- a first start: the compile beside the caller's start-up ---------------------------------
+
+
+@pytest.fixture
+def empty_program_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first start on this kernel: nothing pinned, nothing compiled for it yet."""
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "program-cache"))
+    assert not PIN_DIR.exists(), "not a first start: something of ours is pinned"
+
+
+def test_two_first_starts_at_once_open_the_one_build_the_early_loader_pinned(
+    empty_program_cache: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fallback_compiles: list[int] = []
+    monkeypatch.setattr(program, "run_loader", lambda size, pin_dir: fallback_compiles.append(size))
+    first, second = start_loading(), start_loading()  # both before any lock, as two front ends
+    assert first is not None and second is not None
+    with open_datapath(loading=first) as one, open_datapath(loading=second) as other:
+        assert pins_exist()
+        assert start_loading() is None  # pinned now: nothing to start
+        program_pins = sorted(path.name for path in PIN_DIR.glob(f"{program.PROGRAM_PIN_PREFIX}*"))
+        assert len(program_pins) == 1, program_pins
+        assert fd_info(one.program_fd)["prog_id"] == fd_info(other.program_fd)["prog_id"]
+    assert fallback_compiles == []  # the second child found the first one's pins under the lock
+    assert not PIN_DIR.exists()  # the last one out unpinned (no rules)
+    assert start_loading() is None  # the build is cached: a later start loads it without BCC
+
+
+def test_the_early_loader_takes_the_datapath_lock_and_fails_in_bound_when_held(
+    empty_program_cache: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EGRESS_TOP_LOCK_TIMEOUT", str(LOCK_BOUND))
+    holder = Holder(HOLD_DATAPATH)
+    try:
+        loading = start_loading()
+        assert loading is not None
+        started = time.monotonic()
+        with pytest.raises(UserError) as refused, open_datapath(loading=loading):
+            pass
+        assert time.monotonic() - started < LOCK_BOUND + 5
+    finally:
+        holder.stop()
+    assert re.fullmatch(
+        rf"the datapath stayed locked by pid {holder.proc.pid} for 1s \(.*/lock\); try again when it finishes",
+        str(refused.value),
+    ), str(refused.value)
+    assert refused.value.exit_code == EXIT_STORE
+    assert not PIN_DIR.exists()  # the child compiled nothing without the lock

@@ -103,3 +103,21 @@ def test_lost_announcements_are_reported_then_the_channel_recovers(
     for n in (7, 8):
         program.run(FRAMES[n])
     assert ports(datapath.read_moved_keys()[0]) == [20007, 20008]
+
+
+def test_a_lookup_leaves_out_the_keys_the_table_no_longer_holds(datapath: Datapath, program: Program) -> None:
+    """An announced flow the LRU evicted before the lookup: left out, the others read exactly."""
+    wanted_ports = [20010, 20011, 20012]
+    for port in wanted_ports:
+        program.run(FRAMES[port - 20000])
+    full = datapath.read_flows()
+    ours = np.isin(full.keys["dst_port"], wanted_ports) & (full.keys["ifindex"] == IFINDEX)
+    expected = dict(
+        zip(full.keys["dst_port"][ours].tolist(), full.stats["packets"][ours].tolist(), strict=True)
+    )
+    assert sorted(expected) == wanted_ports and min(expected.values()) >= 1
+    gone = full.keys[ours][:1].copy()
+    gone["ifindex"] = 1 << 30  # no such device: never in the table
+    read = datapath.lookup_flows(np.concatenate([gone, full.keys[ours], gone]))
+    assert dict(zip(read.keys["dst_port"].tolist(), read.stats["packets"].tolist(), strict=True)) == expected
+    assert datapath.lookup_flows(gone).keys.size == 0
