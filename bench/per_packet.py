@@ -118,22 +118,27 @@ def _measure(program: OnTheVeth, ifindex: int, pid: int, flows: int, datagrams: 
 def per_packet_cost(
     programs: dict[str, OnTheVeth], ifindex: int, pid: int, settings: Settings, rules: int
 ) -> dict[str, Any]:
-    """Every case, `settings.repetitions` rounds, the trivial program and ours in turn.
-    `programs`: "trivial", "counting" and "rules" (ours with `rules` non-matching rules)."""
+    """Every case, `settings.repetitions` rounds, the trivial program, the floor and ours in
+    turn. `programs`: "trivial", "floor" (one counter slot per flow), "counting" and "rules"
+    (ours with `rules` non-matching rules)."""
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in CASES}
     stats_before = STATS_SYSCTL.read_text().strip()
     with statistics_enabled():
         for round_number in range(settings.repetitions):
             for name, flows, ours in CASES:
-                trivial = _measure(programs["trivial"], ifindex, pid, flows, settings.per_packet_datagrams)
-                measured = _measure(programs[ours], ifindex, pid, flows, settings.per_packet_datagrams)
-                samples[name].append({"trivial": trivial, "ours": measured})
+                samples[name].append(
+                    {
+                        role: _measure(programs[program], ifindex, pid, flows, settings.per_packet_datagrams)
+                        for role, program in (("trivial", "trivial"), ("floor", "floor"), ("ours", ours))
+                    }
+                )
             progress(f"per-packet cost round {round_number + 1}/{settings.repetitions}")
     cases = []
     for name, flows, ours in CASES:
         rounds = samples[name]
         trivial_ns = [r["trivial"]["ns_per_run"] for r in rounds]
         ours_ns = [r["ours"]["ns_per_run"] for r in rounds]
+        floor_ns = [r["floor"]["ns_per_run"] for r in rounds]
         cases.append(
             {
                 "case": name,
@@ -142,6 +147,8 @@ def per_packet_cost(
                 "trivial_ns_per_packet": spread(trivial_ns),
                 "ns_per_packet": spread(ours_ns),
                 "ratio_to_trivial": spread([o / t for o, t in zip(ours_ns, trivial_ns, strict=True)]),
+                "floor_ns_per_packet": spread(floor_ns),
+                "floor_ratio_to_trivial": spread([f / t for f, t in zip(floor_ns, trivial_ns, strict=True)]),
                 "rounds": rounds,
             }
         )

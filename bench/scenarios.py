@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from agent.datapath import Datapath, detach
 from agent.policy import POLICY_ALLOW, POLICY_DROP, LpmEntry
-from bench.bpf_stats import TrivialProgram
+from bench.bpf_stats import ONE_SLOT_PER_FLOW, TRIVIAL, BenchProgram, BenchSource
 from bench.environment import IPTABLES_HOOK_CHAIN, NETWORK_BRIDGE, NFT_TABLE, sh
 
 # Rule contents only, never a destination: shared address space (RFC 6598).
@@ -87,25 +87,37 @@ class Trivial(Scenario):
     """`return TC_ACT_OK` where our program goes: the floor a tc program costs."""
 
     kind = "trivial"
+    source: BenchSource = TRIVIAL
 
-    def __init__(self, ifindex: int):
-        super().__init__(0, "trivial tc program")
+    def __init__(self, ifindex: int, name: str = "trivial tc program"):
+        super().__init__(0, name)
         self.ifindex = ifindex
-        self.program: TrivialProgram | None = None
+        self.program: BenchProgram | None = None
 
     def load(self) -> None:
-        self.program = TrivialProgram()
+        self.program = BenchProgram(self.source)
 
     def setup(self) -> None:
         assert self.program is not None
         self.program.attach(self.ifindex)
 
     def teardown(self) -> None:
-        TrivialProgram.detach(self.ifindex)
+        BenchProgram.detach(self.ifindex)
 
     def unload(self) -> None:
         if self.program is not None:
             self.program.close()
+
+
+class OneSlotPerFlow(Trivial):
+    """One 64-byte per-CPU counter per flow, found by the destination port: the floor of
+    counting flows (bench/bpf_stats.py ONE_SLOT_PER_FLOW says why)."""
+
+    kind = "one slot per flow"
+    source = ONE_SLOT_PER_FLOW
+
+    def __init__(self, ifindex: int):
+        super().__init__(ifindex, "one counter slot per flow")
 
 
 class Iptables(Scenario):

@@ -31,7 +31,17 @@ from bench.environment import Environment
 from bench.iperf import TCP_1_STREAM, TCP_4_STREAMS, UDP_64B, Iperf, Measure, MeasurementFailed
 from bench.per_packet import per_packet_cost
 from bench.plots import plot_scaling
-from bench.scenarios import BASELINE, CONTROL, EgressTop, Iptables, NftSet, Scenario, Trivial, loaded
+from bench.scenarios import (
+    BASELINE,
+    CONTROL,
+    EgressTop,
+    Iptables,
+    NftSet,
+    OneSlotPerFlow,
+    Scenario,
+    Trivial,
+    loaded,
+)
 from bench.udp_ab import udp_ab_rounds
 
 # --- what a program on the veth costs per packet, from the kernel's own accounting -------
@@ -144,15 +154,19 @@ class Plan:
             ]
 
     def per_packet(self, client_pid: int) -> dict[str, Any]:
-        """Ours (counting; with the cost rule count) against the trivial program."""
+        """Ours (counting; with the cost rule count) against the trivial program, beside the
+        floor of counting flows at all (one counter slot per flow)."""
         assert self.trivial is not None
         rules = self.settings.cost_rules
+        floor = OneSlotPerFlow(self.ifindex)
         programs = {
             "trivial": self.trivial,
+            "floor": floor,
             "counting": self.by_kind["egress-top", 0],
             "rules": self.by_kind["egress-top", rules],
         }
-        return per_packet_cost(programs, self.ifindex, client_pid, self.settings, rules)
+        with loaded([floor]):
+            return per_packet_cost(programs, self.ifindex, client_pid, self.settings, rules)
 
     def udp_ab_contenders(self) -> dict[str, Scenario]:
         """The UDP 64 B A/B rounds: no program first (every ratio is to it), then the control."""
