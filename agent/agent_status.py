@@ -25,6 +25,8 @@ from agent.errors import EXIT_USAGE, UserError
 from agent.lockfile import open_private, private_dir
 
 STATUS_NAME = "agent-status.json"
+PROBE_GRACE_SECONDS = 0.5  # see agent_presence
+PROBE_RETRY_SECONDS = 0.005
 AGENT_LOCK = "agent.lock"
 STALE_AFTER_SECONDS = 15.0  # several missed intervals: the agent is stuck
 REWRITE_UNCHANGED_SECONDS = 5.0  # an unchanged status is rewritten this often: its time says "alive"
@@ -90,15 +92,25 @@ def withdraw() -> None:
 
 @contextlib.contextmanager
 def agent_presence() -> Iterator[None]:
-    """Held for the agent's life; a second agent is refused (two would fight over the veths)."""
+    """Held for the agent's life; a second agent is refused (two would fight over the veths).
+    is_locked() probes the lock by taking it shared for an instant, so a refusal waits out
+    PROBE_GRACE_SECONDS first: a status reader polling at the agent's start must not turn
+    it away; an agent holds the lock for its whole life, far longer."""
     fd = open_private(private_dir(RUN_DIR) / AGENT_LOCK, os.O_RDWR)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            running = read_live()
-            holder = f" (pid {running.pid})" if running else ""
-            raise UserError(f"another egress-agent is running{holder}: stop it first", EXIT_USAGE) from None
+        deadline = time.monotonic() + PROBE_GRACE_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    running = read_live()
+                    holder = f" (pid {running.pid})" if running else ""
+                    raise UserError(
+                        f"another egress-agent is running{holder}: stop it first", EXIT_USAGE
+                    ) from None
+                time.sleep(PROBE_RETRY_SECONDS)
         yield
     finally:
         os.close(fd)
