@@ -10,7 +10,6 @@ from __future__ import annotations
 import socket
 
 from agent.rtnl.messages import (
-    NETLINK_ROUTE,
     NLMSGHDR,
     RTM_DELLINK,
     RTM_NEWLINK,
@@ -19,34 +18,23 @@ from agent.rtnl.messages import (
     aligned,
     parse_link,
 )
+from agent.rtnl.route import RouteSocket
 
 SO_RCVBUFFORCE = 33  # linux/socket.h; the socket module does not name it
 _RECV_BYTES = 1 << 16  # the kernel multicasts one link message per datagram
 
 
-class LinkEvents:
+class LinkEvents(RouteSocket):
     """A NETLINK_ROUTE socket that joined RTMGRP_LINK, in the netns of the thread opening it."""
 
     def __init__(self, receive_buffer: int):
-        self._socket = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        super().__init__()
         try:
             # Beyond net.core.rmem_max, which caps SO_RCVBUF (212992 by default): needs CAP_NET_ADMIN.
             self._socket.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, receive_buffer)
         except PermissionError:
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         self._socket.bind((0, RTMGRP_LINK))
-
-    def fileno(self) -> int:
-        return self._socket.fileno()
-
-    def close(self) -> None:
-        self._socket.close()
-
-    def __enter__(self) -> LinkEvents:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
 
     def read(self) -> list[tuple[Link, bool]]:
         """(link, removed) of each event in the next datagram; blocks until one arrives.

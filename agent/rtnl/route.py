@@ -13,6 +13,7 @@ import errno
 import os
 import socket
 from collections.abc import Iterator
+from typing import Self
 
 from agent.rtnl.messages import (
     IFA_ADDRESS,
@@ -60,22 +61,32 @@ def _raise_for(code: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-class RtnlSocket:
-    """One NETLINK_ROUTE socket, in the netns of the thread that opens it."""
+class RouteSocket:
+    """A NETLINK_ROUTE socket, in the netns of the thread that opens it; closed on exit."""
 
     def __init__(self) -> None:
         self._socket = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-        self._socket.bind((0, 0))
-        self._seq = int.from_bytes(os.urandom(2), "little")
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
 
     def close(self) -> None:
         self._socket.close()
 
-    def __enter__(self) -> RtnlSocket:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+class RtnlSocket(RouteSocket):
+    """Requests and dumps: bound to no multicast group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._socket.bind((0, 0))
+        self._seq = int.from_bytes(os.urandom(2), "little")
 
     def _answers(self, kind: int, flags: int, body: bytes) -> Iterator[tuple[int, memoryview]]:
         """(type, payload) of each message the kernel answers with, up to its NLMSG_DONE
