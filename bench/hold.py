@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from agent.datapath import Maps, open_pinned_maps
-from agent.datapath.maps import CONFIG_F_HOLD_UNKNOWN
+from agent.datapath.policy_maps import CONFIG_F_HOLD_UNKNOWN
 from agent.rtnl import LinkEvents
 from bench.agent_process import start_agent
 from bench.common import Results, latency_summary, machine_lock, progress

@@ -32,10 +32,10 @@ from agent.datapath.maps import (
     IfindexCounters,
     Maps,
     PinnedMap,
-    RuleHits,
     open_pinned_maps,
     pins_exist,
 )
+from agent.datapath.policy_maps import RuleHits
 from agent.datapath.program import Datapath
 from agent.datapath.system import check_privileges, ensure_bpffs
 

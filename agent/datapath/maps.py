@@ -8,16 +8,15 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
-import os
 import struct
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.datapath.percpu import merge_flow_copies, possible_cpus
 from agent.datapath.pinned import PinnedMap
+from agent.datapath.policy_maps import U32, PolicyMaps
 from agent.datapath.ringbuf import RingBuffer
 from agent.datapath.syscalls import BPF_MAP_LOOKUP_ELEM, MapElemAttr, bpf_each, sys_bpf
 
@@ -40,8 +39,6 @@ COARSE_CLOCK_SLACK_NS = 4 * round(time.clock_getres(CLOCK_MONOTONIC_COARSE) * 1e
 PIN_DIR = BPFFS / "egress-top" / f"v{LAYOUT_VERSION}"
 DEFAULT_FLOW_TABLE_SIZE = 65536
 POLICY_TABLE_SIZE = 131072
-ENDPOINT_F_POLICY = 1
-RULE_KIND_PORT, RULE_KIND_PROTO, RULE_KIND_ANY = 1, 2, 4  # slot_rule_kinds bits
 OVERFLOW_FAMILY, OVERFLOW_PROTO = 0, 0xFF  # the flow key of a veth's overflow flow
 MAP_PINS = {
     "flows": "PIN_FLOWS",
@@ -60,15 +57,10 @@ STAT_FLOWS_CREATED = 0
 STAT_MOVED_LOST = 2
 MOVED_FLOWS_BYTES = 1 << 22  # the moved_flows ring buffer's data bytes
 
-_ENDPOINT = struct.Struct("=II")  # struct endpoint_info
-_IFINDEX = struct.Struct("=I")
 # struct ifindex_counters: packets and bytes, IfindexCounters' fields, the overflow_* totals
 _IFINDEX_COUNTERS = struct.Struct("=14Q")
 _COUNTERS_AFTER_TOTALS = slice(2, 12)
 VETH_COUNTER_SLOTS = 1024
-_POLICY_KEY_HEAD = struct.Struct("=IIBBH")  # struct policy_lpm_key up to its address
-CONFIG_F_HOLD_UNKNOWN = 1
-_RULE_STATS = struct.Struct("=3Q")  # struct rule_stats
 
 
 def __getattr__(name: str) -> object:
@@ -142,13 +134,6 @@ class EndpointTotals:
     overflow_bytes: int
 
 
-@dataclass(frozen=True)
-class RuleHits:
-    packets: int
-    bytes: int
-    last_hit_ns: int
-
-
 def pins_exist(pin_dir: Path = PIN_DIR) -> bool:
     return all((pin_dir / name).exists() for name in MAP_PINS)
 
@@ -164,8 +149,10 @@ def pinned_flow_table_size(pin_dir: Path = PIN_DIR) -> int | None:
         flows.close()
 
 
-class Maps:
-    """Every pinned map of ours, read and written as bytes laid out as in bpf/egress_maps.h."""
+class Maps(PolicyMaps):
+    """Every pinned map of ours, read and written as bytes laid out as in bpf/egress_maps.h:
+    the flow table and the per-veth counters here, endpoints, policy and rule hits in
+    PolicyMaps (agent/datapath/policy_maps.py)."""
 
     def __init__(self, pin_dir: Path = PIN_DIR):
         self.pin_dir = pin_dir
@@ -337,7 +324,7 @@ class Maps:
         self.config.flow_share = flows_per_epoch
 
     def _stat(self, index: int) -> int:
-        per_cpu = self.datapath_stats.lookup(_IFINDEX.pack(index)) or b""
+        per_cpu = self.datapath_stats.lookup(U32.pack(index)) or b""
         return sum(struct.unpack(f"={len(per_cpu) // 8}Q", per_cpu))
 
     def flows_created(self) -> int:
@@ -347,7 +334,7 @@ class Maps:
         """Announcements of moved flows lost to a full ring buffer, ever."""
         return self._stat(STAT_MOVED_LOST)
 
-    # --- per-veth and per-rule counters -------------------------------------------------
+    # --- per-veth counters -------------------------------------------------
 
     def _ifindex_sums(self) -> tuple[list[int], np.ndarray]:
         """(ifindexes, one row of struct ifindex_counters u64 fields each) per veth: its claimed
@@ -365,10 +352,10 @@ class Maps:
         if self.veth_counters.lookup_batch(np.zeros(slots, "<u4"), copies) is None:
             for index in range(slots):
                 copies[index] = np.frombuffer(
-                    self.veth_counters.lookup(_IFINDEX.pack(index)) or b"", VETH_COUNTERS_DTYPE
+                    self.veth_counters.lookup(U32.pack(index)) or b"", VETH_COUNTERS_DTYPE
                 )
         claimed = copies[copies["ifindex"] != 0]
-        entry_ifindexes = np.array([_IFINDEX.unpack(key)[0] for key, _ in entries], np.uint32)
+        entry_ifindexes = np.array([U32.unpack(key)[0] for key, _ in entries], np.uint32)
         owners = np.concatenate([np.repeat(entry_ifindexes, possible_cpus()), claimed["ifindex"]])
         values = np.concatenate(
             [
@@ -410,95 +397,6 @@ class Maps:
         return {
             ifindex: EndpointTotals(*row) for ifindex, row in zip(ifindexes, totals.tolist(), strict=True)
         }
-
-    def read_rule_hits(self) -> dict[int, RuleHits]:
-        import numpy as np
-
-        hits = {}
-        for key, value in self.rule_stats.items():
-            copies = np.frombuffer(value, "<u8").reshape(-1, _RULE_STATS.size // 8)
-            packets, hit_bytes = copies[:, :2].sum(axis=0, dtype=np.uint64).tolist()
-            hits[_IFINDEX.unpack(key)[0]] = RuleHits(packets, hit_bytes, int(copies[:, 2].max()))
-        return hits
-
-    # --- endpoints and policy -----------------------------------------------------------
-
-    def set_endpoint(self, ifindex: int, slot: int, has_policy: bool) -> None:
-        self.endpoints.update(
-            _IFINDEX.pack(ifindex), _ENDPOINT.pack(slot, ENDPOINT_F_POLICY if has_policy else 0)
-        )
-        self._endpoints_changed()
-
-    def _endpoints_changed(self) -> None:
-        """After every write to endpoints or slot_rule_kinds: the datapath's per-CPU copies
-        of them (struct veth_counters) are read again. A random new value rather than an
-        increment, which two processes could both make to the same number."""
-        generation = self.config.endpoints_generation
-        while generation in (0, self.config.endpoints_generation):
-            generation = int.from_bytes(os.urandom(4), "little")
-        self.config.endpoints_generation = generation
-
-    def set_hold_unknown(self, enabled: bool) -> None:
-        """Drop IP packets of veths with no endpoint entry (held_* counters) until
-        set_endpoint names them: enforcement from a container's first packet."""
-        self.config.flags = CONFIG_F_HOLD_UNKNOWN if enabled else 0
-
-    def forget_endpoints(self, keep: Iterable[int]) -> None:
-        """Drop endpoint entries of veths that are gone (ifindex values get reused)."""
-        keep = set(keep)
-        for key in self.endpoints.list_keys():
-            if _IFINDEX.unpack(key)[0] not in keep:
-                self.endpoints.delete(key)
-        self._endpoints_changed()
-
-    def policy_endpoints(self) -> set[int]:
-        return {
-            _IFINDEX.unpack(key)[0]
-            for key, value in self.endpoints.items()
-            if _ENDPOINT.unpack(value)[1] & ENDPOINT_F_POLICY
-        }
-
-    def sync_policy(self, entries: Iterable[tuple[bytes, bytes]]) -> None:
-        """Make the trie hold exactly these (key bytes, value bytes) entries.
-
-        New entries are written before stale ones are deleted, so a rule being
-        replaced never leaves a gap in which its packets pass. The kinds of rule each
-        slot has (slot_rule_kinds, which lookups the datapath makes) are widened
-        before and narrowed after, for the same reason."""
-        wanted = dict(entries)
-        kinds = _rule_kinds(wanted)
-        known = {
-            _IFINDEX.unpack(key)[0]: _IFINDEX.unpack(value)[0] for key, value in self.slot_rule_kinds.items()
-        }
-        for slot in kinds.keys() | known.keys():
-            widened = kinds.get(slot, 0) | known.get(slot, 0)
-            if widened != known.get(slot):
-                self.slot_rule_kinds.update(_IFINDEX.pack(slot), _IFINDEX.pack(widened))
-        self._endpoints_changed()  # the wider kinds are in force before any new entry
-        for key, value in wanted.items():
-            self.policy.update(key, value)
-        for key in self.policy.list_keys():
-            if key not in wanted:
-                self.policy.delete(key)
-        for slot in known.keys() - kinds.keys():
-            self.slot_rule_kinds.delete(_IFINDEX.pack(slot))
-        for slot, bits in kinds.items():
-            if known.get(slot, 0) | bits != bits:  # widened above: narrow it to what is left
-                self.slot_rule_kinds.update(_IFINDEX.pack(slot), _IFINDEX.pack(bits))
-        self._endpoints_changed()
-
-    def policy_entry_count(self) -> int:
-        return len(self.policy.list_keys())
-
-
-def _rule_kinds(entries: dict[bytes, bytes]) -> dict[int, int]:
-    """slot -> RULE_KIND_* bits of the trie entries (struct policy_lpm_key)."""
-    kinds: dict[int, int] = {}
-    for key in entries:
-        _, slot, proto, _, port = _POLICY_KEY_HEAD.unpack_from(key)
-        kind = RULE_KIND_PORT if port else RULE_KIND_PROTO if proto else RULE_KIND_ANY
-        kinds[slot] = kinds.get(slot, 0) | kind
-    return kinds
 
 
 def open_pinned_maps() -> Maps | None:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from c_layout import c_values
 
-from agent.datapath import maps
+from agent.datapath import maps, policy_maps
 from agent.model import Verdict
 from agent.policy import (
     POLICY_ALLOW,
@@ -39,7 +39,7 @@ NUMPY_MIRRORS = {
 }
 # struct.Struct mirrors: C field names in the order of the format's items
 STRUCT_MIRRORS: dict[str, tuple[struct.Struct, tuple[str, ...]]] = {
-    "endpoint_info": (maps._ENDPOINT, ("slot", "flags")),
+    "endpoint_info": (policy_maps._ENDPOINT, ("slot", "flags")),
     "ifindex_counters": (
         maps._IFINDEX_COUNTERS,
         (
@@ -50,22 +50,22 @@ STRUCT_MIRRORS: dict[str, tuple[struct.Struct, tuple[str, ...]]] = {
             "overflow_bytes",
         ),
     ),
-    "rule_stats": (maps._RULE_STATS, ("packets", "bytes", "last_hit_ns")),
+    "rule_stats": (policy_maps._RULE_STATS, ("packets", "bytes", "last_hit_ns")),
     "policy_lpm_key": (POLICY_LPM_KEY_STRUCT, ("prefixlen", "slot", "proto", "family", "port", "addr")),
     "policy_rule": (POLICY_RULE_STRUCT, ("rule_id", "action", "addr_prefixlen", "pad")),
 }
 CONSTANTS = {
     "EGRESS_TOP_LAYOUT": maps.LAYOUT_VERSION,
-    "ENDPOINT_F_POLICY": maps.ENDPOINT_F_POLICY,
-    "CONFIG_F_HOLD_UNKNOWN": maps.CONFIG_F_HOLD_UNKNOWN,
+    "ENDPOINT_F_POLICY": policy_maps.ENDPOINT_F_POLICY,
+    "CONFIG_F_HOLD_UNKNOWN": policy_maps.CONFIG_F_HOLD_UNKNOWN,
     "POLICY_KEY_FIXED_BITS": POLICY_KEY_FIXED_BITS,
     "POLICY_ALLOW": POLICY_ALLOW,
     "POLICY_DROP": POLICY_DROP,
     "STAT_FLOWS_CREATED": maps.STAT_FLOWS_CREATED,
     "STAT_MOVED_LOST": maps.STAT_MOVED_LOST,
-    "RULE_KIND_PORT": maps.RULE_KIND_PORT,
-    "RULE_KIND_PROTO": maps.RULE_KIND_PROTO,
-    "RULE_KIND_ANY": maps.RULE_KIND_ANY,
+    "RULE_KIND_PORT": policy_maps.RULE_KIND_PORT,
+    "RULE_KIND_PROTO": policy_maps.RULE_KIND_PROTO,
+    "RULE_KIND_ANY": policy_maps.RULE_KIND_ANY,
     "OVERFLOW_FAMILY": maps.OVERFLOW_FAMILY,
     "OVERFLOW_PROTO": maps.OVERFLOW_PROTO,
     "VETH_COUNTER_SLOTS": maps.VETH_COUNTER_SLOTS,
