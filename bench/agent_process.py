@@ -23,15 +23,21 @@ def stop_child(
     proc: subprocess.Popen[str], what: str, sig: int = signal.SIGTERM, timeout: float = 10.0
 ) -> int:
     """Signal a child (SIGTERM: as a service manager stops it) and reap it; its exit code.
-    Killed, and AgentFailed, when it outlives the timeout."""
+    When it outlives the timeout: SIGABRT (a child run with PYTHONFAULTHANDLER=1 prints where
+    every thread was stuck), then SIGKILL, and AgentFailed with the end of its stderr."""
     if proc.poll() is None:
         proc.send_signal(sig)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise AgentFailed(f"{what} did not exit within {timeout:.0f} s of signal {sig}") from None
+        proc.send_signal(signal.SIGABRT)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        said = proc.stderr.read()[-4000:] if proc.stderr else ""
+        raise AgentFailed(f"{what} did not exit within {timeout:.0f} s of signal {sig}:\n{said}") from None
 
 
 class AgentProcess:

@@ -68,6 +68,7 @@ class EgressTop:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # stop_child's SIGABRT shows where it hung
         )
         self.records: list[dict[str, Any]] = []  # flow records
         self.arrival: list[float] = []  # time.time() each flow record was read
