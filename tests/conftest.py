@@ -6,6 +6,7 @@ No skipping: a missing engine or image fails the run loudly (make test sets them
 from __future__ import annotations
 
 import fcntl
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,12 @@ from lab import (
     sh,
 )
 from runner import running_agent
+
+# A suite started as a background job of a shell (`make test &`, nohup) inherits SIGINT
+# ignored, and an ignored signal stays ignored across exec: every egress-top it starts would
+# shrug off the Ctrl-C the signal tests send. Its children get the default back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 MACHINE_LOCK = Path("/tmp/ett-machine.lock")  # shared with bench/: one user of tc and netns at a time
