@@ -11,7 +11,6 @@ its own namespace.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -22,11 +21,10 @@ from pathlib import Path
 from agent.datapath import RUN_DIR
 from agent.datapath.lifecycle import is_locked
 from agent.errors import EXIT_USAGE, UserError
-from agent.lockfile import open_private, private_dir
+from agent.lockfile import LockBusy, bounded_lock, open_private, private_dir
 
 STATUS_NAME = "agent-status.json"
 PROBE_GRACE_SECONDS = 0.5  # see agent_presence
-PROBE_RETRY_SECONDS = 0.005
 AGENT_LOCK = "agent.lock"
 STALE_AFTER_SECONDS = 15.0  # several missed intervals: the agent is stuck
 REWRITE_UNCHANGED_SECONDS = 5.0  # an unchanged status is rewritten this often: its time says "alive"
@@ -96,24 +94,16 @@ def agent_presence() -> Iterator[None]:
     is_locked() probes the lock by taking it shared for an instant, so a refusal waits out
     PROBE_GRACE_SECONDS first: a status reader polling at the agent's start must not turn
     it away; an agent holds the lock for its whole life, far longer."""
-    fd = open_private(private_dir(RUN_DIR) / AGENT_LOCK, os.O_RDWR)
-    try:
-        deadline = time.monotonic() + PROBE_GRACE_SECONDS
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    running = read_live()
-                    holder = f" (pid {running.pid})" if running else ""
-                    raise UserError(
-                        f"another egress-agent is running{holder}: stop it first", EXIT_USAGE
-                    ) from None
-                time.sleep(PROBE_RETRY_SECONDS)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(
+                bounded_lock(private_dir(RUN_DIR) / AGENT_LOCK, "the agent lock", timeout=PROBE_GRACE_SECONDS)
+            )
+        except LockBusy:
+            running = read_live()
+            holder = f" (pid {running.pid})" if running else ""
+            raise UserError(f"another egress-agent is running{holder}: stop it first", EXIT_USAGE) from None
         yield
-    finally:
-        os.close(fd)
 
 
 def read_live() -> AgentStatus | None:

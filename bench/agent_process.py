@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BIN = Path(sys.executable).parent  # the venv's console scripts, beside its python
@@ -20,11 +21,16 @@ class AgentFailed(AssertionError):
 
 
 def stop_child(
-    proc: subprocess.Popen[str], what: str, sig: int = signal.SIGTERM, timeout: float = 10.0
+    proc: subprocess.Popen[str],
+    what: str,
+    sig: int = signal.SIGTERM,
+    timeout: float = 10.0,
+    said: Callable[[], str] = lambda: "",
 ) -> int:
     """Signal a child (SIGTERM: as a service manager stops it) and reap it; its exit code.
     When it outlives the timeout: SIGABRT (a child run with PYTHONFAULTHANDLER=1 prints where
-    every thread was stuck), then SIGKILL, and AgentFailed with the end of its stderr."""
+    every thread was stuck), then SIGKILL, and AgentFailed with what said() gives once it is
+    gone (the caller knows who reads the child's stderr)."""
     if proc.poll() is None:
         proc.send_signal(sig)
     try:
@@ -36,8 +42,7 @@ def stop_child(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        said = proc.stderr.read()[-4000:] if proc.stderr else ""
-        raise AgentFailed(f"{what} did not exit within {timeout:.0f} s of signal {sig}:\n{said}") from None
+        raise AgentFailed(f"{what} did not exit within {timeout:.0f} s of signal {sig}:\n{said()}") from None
 
 
 class AgentProcess:
@@ -86,9 +91,13 @@ class AgentProcess:
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, as a service manager stops it; returns the exit code."""
-        code = stop_child(self.proc, "egress-agent", timeout=timeout)
+        code = stop_child(self.proc, "egress-agent", timeout=timeout, said=self._said_to_the_end)
         self._reader.join(timeout=5)
         return code
+
+    def _said_to_the_end(self) -> str:
+        self._reader.join(timeout=5)  # it has read everything once the process is gone
+        return self.said()
 
 
 def start_agent(*args: str, ready_within: float = 120.0) -> AgentProcess:

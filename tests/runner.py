@@ -100,11 +100,14 @@ class EgressTop:
         wait_until(attached, timeout)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        stop_child(self.proc, "egress-top", sig, timeout)
+        stop_child(self.proc, "egress-top", sig, timeout, said=self._stderr_tail)
         self._reader.join(timeout=5)
         self.stderr = self.proc.stderr.read() if self.proc.stderr else ""  # type: ignore[union-attr]
         self.returncode = self.proc.returncode
         return self.proc.returncode
+
+    def _stderr_tail(self) -> str:
+        return self.proc.stderr.read()[-4000:] if self.proc.stderr else ""
 
     def flows_of(self, container_name: str) -> dict[tuple[Any, ...], dict[str, Any]]:
         """Latest record of each flow of a container, keyed by 5-tuple."""

@@ -23,6 +23,6 @@ def test_a_child_deaf_to_sigterm_is_aborted_with_its_stacks_then_reaped() -> Non
     )
     assert proc.stdout is not None and proc.stdout.readline() == "1\n"  # its handler is in place
     with pytest.raises(AgentFailed, match="did not exit within 0 s of signal") as failure:
-        stop_child(proc, "deaf child", timeout=0.5)
+        stop_child(proc, "deaf child", timeout=0.5, said=proc.stderr.read)
     assert 'File "<string>", line 4' in str(failure.value)  # faulthandler: stuck in time.sleep
     assert proc.returncode is not None
