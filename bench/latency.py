@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from agent.datapath import FLOW_KEY_DTYPE, Maps, our_filters
+from agent.datapath.maps import FlowTableRead
 from bench.agent_process import start_agent
 from bench.common import BIN, Results, Settings, latency_summary, progress, spread, wait_until
 from bench.environment import (
@@ -102,7 +103,9 @@ def attach_latency(env: Environment, maps: Maps, tries: int) -> dict[str, Any]:
     packets missed before our program was on its veth."""
     missed, first_counted_ms, sent_total, counted_total = [], [], 0, 0
     for attempt in range(tries):
-        _forget_flows_to(maps, UPSTREAM_PING)
+        # The pings of earlier tries stay counted (the table and the flow cache keep them):
+        # this try's are the flows that are new or grew since.
+        earlier = _pings_by_flow(maps.read_flows())
         container = env.container(
             f"start{attempt:02d}",
             ["ping", "-c", str(PINGS), "-i", PING_INTERVAL, "-W", "1", UPSTREAM_PING],
@@ -112,13 +115,13 @@ def attach_latency(env: Environment, maps: Maps, tries: int) -> dict[str, Any]:
         container.start()
         container.wait(timeout=30)
         sent = _pings_sent(container.logs().decode())
-        read = maps.read_flows()
-        pings = (read.keys["proto"] == IPPROTO_ICMP) & _to(read.keys, UPSTREAM_PING)
-        counted = int(read.stats["packets"][pings].sum())
+        now = _pings_by_flow(maps.read_flows())
+        counted = sum(packets - earlier.get(key, (0, 0))[0] for key, (packets, _) in now.items())
         missed.append(sent - counted)
         sent_total, counted_total = sent_total + sent, counted_total + counted
-        if counted:
-            first_counted_ms.append((int(read.stats["first_seen_ns"][pings].min()) - start_called) / 1e6)
+        new_flows = [first_seen for key, (_, first_seen) in now.items() if key not in earlier]
+        if new_flows:
+            first_counted_ms.append((min(new_flows) - start_called) / 1e6)
         env.remove(container)
     return {
         "tries": tries,
@@ -139,10 +142,13 @@ def _pings_sent(log: str) -> int:
     return int(match.group(1))
 
 
-def _forget_flows_to(maps: Maps, address: str) -> None:
-    read = maps.read_flows()
-    for key in read.keys[_to(read.keys, address)]:
-        maps.flows.delete(key.tobytes())
+def _pings_by_flow(read: FlowTableRead) -> dict[bytes, tuple[int, int]]:
+    """Flow key -> (packets, first_seen_ns) of the ICMP flows to UPSTREAM_PING."""
+    rows = np.flatnonzero((read.keys["proto"] == IPPROTO_ICMP) & _to(read.keys, UPSTREAM_PING))
+    return {
+        read.keys[row].tobytes(): (int(read.stats["packets"][row]), int(read.stats["first_seen_ns"][row]))
+        for row in rows.tolist()
+    }
 
 
 # --- block / unblock: CLI exit -> first packet dropped / passing ----------------------

@@ -118,9 +118,10 @@ def _measure(program: OnTheVeth, ifindex: int, pid: int, flows: int, datagrams: 
 def per_packet_cost(
     programs: dict[str, OnTheVeth], ifindex: int, pid: int, settings: Settings, rules: int
 ) -> dict[str, Any]:
-    """Every case, `settings.repetitions` rounds, the trivial program, the floor and ours in
-    turn. `programs`: "trivial", "floor" (one counter slot per flow), "counting" and "rules"
-    (ours with `rules` non-matching rules)."""
+    """Every case, `settings.repetitions` rounds, the trivial program, the floors and ours in
+    turn. `programs`: "trivial", "floor" (one counter slot per flow, found by its port),
+    "hashed floor" (found by a hash of it), "counting" and "rules" (ours with `rules`
+    non-matching rules)."""
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in CASES}
     stats_before = STATS_SYSCTL.read_text().strip()
     with statistics_enabled():
@@ -129,7 +130,12 @@ def per_packet_cost(
                 samples[name].append(
                     {
                         role: _measure(programs[program], ifindex, pid, flows, settings.per_packet_datagrams)
-                        for role, program in (("trivial", "trivial"), ("floor", "floor"), ("ours", ours))
+                        for role, program in (
+                            ("trivial", "trivial"),
+                            ("floor", "floor"),
+                            ("hashed_floor", "hashed floor"),
+                            ("ours", ours),
+                        )
                     }
                 )
             progress(f"per-packet cost round {round_number + 1}/{settings.repetitions}")
@@ -139,6 +145,8 @@ def per_packet_cost(
         trivial_ns = [r["trivial"]["ns_per_run"] for r in rounds]
         ours_ns = [r["ours"]["ns_per_run"] for r in rounds]
         floor_ns = [r["floor"]["ns_per_run"] for r in rounds]
+        hashed_ns = [r["hashed_floor"]["ns_per_run"] for r in rounds]
+        hashed_ratios = [h / t for h, t in zip(hashed_ns, trivial_ns, strict=True)]
         cases.append(
             {
                 "case": name,
@@ -149,6 +157,8 @@ def per_packet_cost(
                 "ratio_to_trivial": spread([o / t for o, t in zip(ours_ns, trivial_ns, strict=True)]),
                 "floor_ns_per_packet": spread(floor_ns),
                 "floor_ratio_to_trivial": spread([f / t for f, t in zip(floor_ns, trivial_ns, strict=True)]),
+                "hashed_floor_ns_per_packet": spread(hashed_ns),
+                "hashed_floor_ratio_to_trivial": spread(hashed_ratios),
                 "rounds": rounds,
             }
         )

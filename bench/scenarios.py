@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from agent.datapath import Datapath, detach
 from agent.policy import POLICY_ALLOW, POLICY_DROP, LpmEntry
-from bench.bpf_stats import ONE_SLOT_PER_FLOW, TRIVIAL, BenchProgram, BenchSource
+from bench.bpf_stats import ONE_HASHED_SLOT_PER_FLOW, ONE_SLOT_PER_FLOW, TRIVIAL, BenchProgram, BenchSource
 from bench.environment import IPTABLES_HOOK_CHAIN, NETWORK_BRIDGE, NFT_TABLE, sh
 
 # Rule contents only, never a destination: shared address space (RFC 6598).
@@ -118,6 +118,17 @@ class OneSlotPerFlow(Trivial):
 
     def __init__(self, ifindex: int):
         super().__init__(ifindex, "one counter slot per flow")
+
+
+class OneHashedSlotPerFlow(Trivial):
+    """The same slot found by a hash of the destination port: the floor of counting flows
+    found by hashing (bench/bpf_stats.py ONE_HASHED_SLOT_PER_FLOW)."""
+
+    kind = "one hashed slot per flow"
+    source = ONE_HASHED_SLOT_PER_FLOW
+
+    def __init__(self, ifindex: int):
+        super().__init__(ifindex, "one hashed counter slot per flow")
 
 
 class Iptables(Scenario):

@@ -42,13 +42,13 @@ def per_packet_targets(cost: Data) -> list[Verdict]:
             continue
         ratio = case["ratio_to_trivial"]["median"]
         rules = f" ({case['rules']:,} rules)" if case["rules"] else ""
-        floor = case.get("floor_ratio_to_trivial")
+        floor = case.get("hashed_floor_ratio_to_trivial")
         remark = "" if ratio <= limit else f"{ratio / limit:.1f}x the budget"
         if floor and ratio > limit:
             over = " (itself over the budget)" if floor["median"] > limit else ""
             remark += (
-                "; one counter slot per flow, the least any exact flow counter writes, is "
-                f"{floor['median']:.2f}x here{over}"
+                "; one hashed counter slot per flow, the least an exact flow counter that hashes "
+                f"writes, is {floor['median']:.2f}x here{over}"
             )
         verdicts.append(
             Verdict(

@@ -37,6 +37,7 @@ from bench.scenarios import (
     EgressTop,
     Iptables,
     NftSet,
+    OneHashedSlotPerFlow,
     OneSlotPerFlow,
     Scenario,
     Trivial,
@@ -155,17 +156,18 @@ class Plan:
 
     def per_packet(self, client_pid: int) -> dict[str, Any]:
         """Ours (counting; with the cost rule count) against the trivial program, beside the
-        floor of counting flows at all (one counter slot per flow)."""
+        floors of counting flows at all (one counter slot per flow, found in order or hashed)."""
         assert self.trivial is not None
         rules = self.settings.cost_rules
-        floor = OneSlotPerFlow(self.ifindex)
+        floor, hashed_floor = OneSlotPerFlow(self.ifindex), OneHashedSlotPerFlow(self.ifindex)
         programs = {
             "trivial": self.trivial,
             "floor": floor,
+            "hashed floor": hashed_floor,
             "counting": self.by_kind["egress-top", 0],
             "rules": self.by_kind["egress-top", rules],
         }
-        with loaded([floor]):
+        with loaded([floor, hashed_floor]):
             return per_packet_cost(programs, self.ifindex, client_pid, self.settings, rules)
 
     def udp_ab_contenders(self) -> dict[str, Scenario]:

@@ -4,7 +4,7 @@
  * Built by BCC (agent/datapath/loader.py, in a short-lived child) with these -D values:
  *   FLOW_TABLE_SIZE, POLICY_TABLE_SIZE, PIN_FLOWS, PIN_ENDPOINTS, PIN_POLICY,
  *   PIN_RULE_STATS, PIN_IFINDEX_COUNTERS, PIN_DATAPATH_STATS, PIN_DATAPATH_CONFIG,
- *   PIN_SLOT_RULE_KINDS, PIN_VETH_COUNTERS, PIN_FLOW_SHARES, PIN_MOVED_FLOWS
+ *   PIN_SLOT_RULE_KINDS, PIN_VETH_COUNTERS, PIN_FLOW_SHARES, PIN_MOVED_FLOWS, PIN_FLOW_CACHE
  * Every map is pinned so enforcement and counters outlive the process that loaded
  * the program (the tc filter keeps the program itself alive).
  */
@@ -38,6 +38,7 @@ BPF_TABLE_PINNED("percpu_hash", __u32, struct ifindex_counters, ifindex_counters
 BPF_TABLE_PINNED("percpu_array", __u32, struct veth_counters, veth_counters, VETH_COUNTER_SLOTS,
 		 PIN_VETH_COUNTERS);
 BPF_TABLE_PINNED("hash", __u32, struct flow_share, flow_shares, 4096, PIN_FLOW_SHARES);
+BPF_TABLE_PINNED("percpu_array", __u32, struct flow_cache_set, flow_cache, FLOW_CACHE_SETS, PIN_FLOW_CACHE);
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, datapath_stats, STAT_MAX, PIN_DATAPATH_STATS);
 /* Mappable: user space writes each field in place (a 4-byte store), so the agent bumping
  * the epoch can never undo another process setting the flags, as a whole-value update could. */
@@ -430,30 +431,180 @@ static __always_inline struct flow_stats *flow_of(struct flow_key *key, struct i
 	return st;
 }
 
-static __always_inline void count_flow(struct flow_key *key, struct ifindex_counters *c,
-				       struct datapath_config *config, __u64 bytes, __u64 packets,
-				       __u32 rule_id, __u32 verdict)
+/* Adds a flow's counts to its flows entry (atomic adds: the entry is shared by the CPUs),
+ * and announces the flow in moved_flows the first time it moves in an epoch. */
+static __always_inline void add_to_flow(struct flow_stats *st, struct flow_key *key, __u32 epoch, __u64 bytes,
+					__u64 packets, __u32 verdict)
 {
-	struct flow_stats *st = flow_of(key, c, config, bytes, packets);
-	if (!st)
-		return;
-	/* Shared by the CPUs: the counters take atomic adds, so they stay exact; the fields
-	 * below are plain stores (the last writer wins, as for the last packet's verdict). */
 	__sync_fetch_and_add(&st->bytes, bytes);
 	__sync_fetch_and_add(&st->packets, packets);
-	st->last_seen_ns = now_ns();
-	st->rule_id = rule_id;
-	st->verdict = verdict;
 	if (verdict != VERDICT_FORWARDED) {
 		__sync_fetch_and_add(&st->dropped_bytes, bytes);
 		__sync_fetch_and_add(&st->dropped_packets, packets);
 	}
-	__u32 epoch = config ? config->epoch : 0;
 	if (st->epoch != epoch) {
 		st->epoch = epoch;
 		if (moved_flows.ringbuf_output(key, sizeof(*key), 0) < 0)
 			stat_inc(STAT_MOVED_LOST);
 	}
+}
+
+/* The flow cache (struct flow_cache_set says why and how) relies on the order in which
+ * other CPUs see our stores, as the endpoint cache does. */
+#define CACHE_FLOWS CACHE_ENDPOINTS
+#define compiler_barrier() asm volatile("" ::: "memory")
+
+/* The first 16 bytes of a flow_cache_entry for a key, read as two u64s to compare. */
+struct flow_cache_tag {
+	__u32 ifindex;
+	__u32 src_addr;
+	__u32 dst_addr;
+	__u16 src_port;
+	__u16 dst_port;
+};
+
+static __always_inline int same_flow(struct flow_cache_entry *entry, struct flow_cache_tag *tag, __u8 proto)
+{
+	__u64 *mine = (__u64 *)entry, *wanted = (__u64 *)tag;
+	return mine[0] == wanted[0] && mine[1] == wanted[1] && entry->proto == proto;
+}
+
+/* Multiplicative hashing of the 5-tuple and veth: destination ports that count up (one
+ * socket to many services) spread over the sets. */
+static __always_inline __u32 flow_cache_set_of(struct flow_cache_tag *tag, __u8 proto)
+{
+	__u32 h = tag->ifindex * 0x9e3779b1u;
+	h = (h ^ tag->src_addr) * 0x85ebca6bu;
+	h = (h ^ tag->dst_addr) * 0xc2b2ae35u;
+	h = (h ^ (((__u32)tag->src_port << 16) | tag->dst_port) ^ ((__u32)proto << 8)) * 0x9e3779b1u;
+	return (h >> 16) % FLOW_CACHE_SETS;
+}
+
+/* Moves an entry's counts into its flows entry (re-created with its first_seen if the LRU
+ * evicted it) and announces the flow. Returns 0, leaving the entry as it was, when the
+ * table has no room for it. */
+static __always_inline int write_back(struct flow_cache_entry *entry, __u32 epoch)
+{
+	struct flow_key key = {};
+	key.ifindex = entry->ifindex;
+	key.family = 4;
+	key.proto = entry->proto;
+	key.src_port = entry->src_port;
+	key.dst_port = entry->dst_port;
+	__builtin_memcpy(key.src_addr, &entry->src_addr, 4);
+	__builtin_memcpy(key.dst_addr, &entry->dst_addr, 4);
+	struct flow_stats *st = flows.lookup(&key);
+	if (!st) {
+		struct flow_stats fresh = {};
+		fresh.first_seen_ns = entry->first_seen_ns;
+		if (flows.insert(&key, &fresh) == 0)
+			stat_inc(STAT_FLOWS_CREATED);
+		st = flows.lookup(&key);
+		if (!st) {
+			stat_inc(STAT_FLOW_UPDATE_FAILED);
+			return 0;
+		}
+	}
+	__u64 bytes = entry->bytes, packets = entry->packets;
+	/* Odd seq, counts out of the entry, then into the table: a reader that read the table
+	 * before our adds and the entry after they left it sees seq changed. */
+	entry->seq += 1;
+	entry->bytes = 0;
+	entry->packets = 0;
+	entry->epoch = epoch;
+	compiler_barrier();
+	if (entry->last_seen_ns >= st->last_seen_ns) {
+		st->last_seen_ns = entry->last_seen_ns;
+		st->rule_id = entry->rule_id;
+		st->verdict = VERDICT_FORWARDED;
+	}
+	st->epoch = ~epoch;  /* announce it: a write-back during a read must be read again */
+	add_to_flow(st, &key, epoch, bytes, packets, VERDICT_FORWARDED);
+	compiler_barrier();
+	entry->seq += 1;
+	return 1;
+}
+
+/* Counts a forwarded IPv4 packet in this CPU's flow cache. Returns 1 when its flow was
+ * cached; else 0 with *victim the way the flow may take once the table has counted it. */
+static __always_inline int count_cached(struct flow_key *key, __u32 epoch, __u64 bytes, __u64 packets,
+					__u32 rule_id, struct flow_cache_entry **victim)
+{
+	struct flow_cache_tag tag = {};
+	tag.ifindex = key->ifindex;
+	__builtin_memcpy(&tag.src_addr, key->src_addr, 4);
+	__builtin_memcpy(&tag.dst_addr, key->dst_addr, 4);
+	tag.src_port = key->src_port;
+	tag.dst_port = key->dst_port;
+	__u32 index = flow_cache_set_of(&tag, key->proto);
+	struct flow_cache_set *set = flow_cache.lookup(&index);
+	if (!set)
+		return 0;
+#pragma unroll
+	for (int way = 0; way < FLOW_CACHE_WAYS; way++) {
+		struct flow_cache_entry *entry = &set->way[way];
+		if (same_flow(entry, &tag, key->proto)) {
+			entry->bytes += bytes;  /* this CPU's entry: no atomics */
+			entry->packets += packets;
+			entry->last_seen_ns = now_ns();
+			entry->rule_id = rule_id;
+			if (entry->epoch != epoch)
+				write_back(entry, epoch);  /* first packet of an epoch: announce it */
+			return 1;
+		}
+	}
+	*victim = &set->way[FLOW_CACHE_WAYS - 1];
+#pragma unroll
+	for (int way = FLOW_CACHE_WAYS - 2; way >= 0; way--)
+		if (!set->way[way].ifindex)
+			*victim = &set->way[way];
+	return 0;
+}
+
+/* Puts a flow the table just counted into a cache way, after writing back the flow the
+ * way held. */
+static __always_inline void cache_flow(struct flow_cache_entry *entry, struct flow_key *key, struct flow_stats *st,
+				       __u32 epoch)
+{
+	if (entry->ifindex && (entry->packets || entry->bytes) && !write_back(entry, epoch))
+		return;
+	entry->seq += 1;  /* a new key: a reader that saw the old one reads this one again */
+	compiler_barrier();
+	entry->ifindex = key->ifindex;
+	__builtin_memcpy(&entry->src_addr, key->src_addr, 4);
+	__builtin_memcpy(&entry->dst_addr, key->dst_addr, 4);
+	entry->src_port = key->src_port;
+	entry->dst_port = key->dst_port;
+	entry->proto = key->proto;
+	entry->epoch = epoch;  /* the table announced it in this epoch */
+	entry->rule_id = st->rule_id;
+	entry->bytes = 0;
+	entry->packets = 0;
+	entry->first_seen_ns = st->first_seen_ns;
+	entry->last_seen_ns = st->last_seen_ns;
+	compiler_barrier();
+	entry->seq += 1;
+}
+
+static __always_inline void count_flow(struct flow_key *key, struct ifindex_counters *c,
+				       struct datapath_config *config, __u64 bytes, __u64 packets,
+				       __u32 rule_id, __u32 verdict)
+{
+	__u32 epoch = config ? config->epoch : 0;
+	struct flow_cache_entry *victim = 0;
+	if (CACHE_FLOWS && verdict == VERDICT_FORWARDED && key->family == 4 &&
+	    count_cached(key, epoch, bytes, packets, rule_id, &victim))
+		return;
+	struct flow_stats *st = flow_of(key, c, config, bytes, packets);
+	if (!st)
+		return;
+	/* Plain stores: the last writer wins, as for the last packet's verdict. */
+	st->last_seen_ns = now_ns();
+	st->rule_id = rule_id;
+	st->verdict = verdict;
+	add_to_flow(st, key, epoch, bytes, packets, verdict);
+	if (CACHE_FLOWS && victim && key->family == 4)  /* not turned into the overflow flow */
+		cache_flow(victim, key, st, epoch);
 }
 
 /* A packet that is not judged by the rules: held (unknown veth) or unparsed. Counted

@@ -4,7 +4,10 @@
  * the host on the tc ingress hook of its host-side veth.
  *
  * The maps (bpf/egress.c), all pinned; who writes them:
- *   flows             LRU hash flow_key -> flow_stats (shared, atomic adds): datapath, every packet
+ *   flows             LRU hash flow_key -> flow_stats (shared, atomic adds): datapath, on a
+ *                     flow_cache miss, a write-back, and every packet the cache does not take
+ *   flow_cache        per-CPU array of FLOW_CACHE_SETS flow_cache_set: datapath, every
+ *                     forwarded IPv4 packet (user space adds it to flows when reading)
  *   ifindex_counters  per-CPU hash ifindex -> ifindex_counters: datapath (veths without a
  *                     veth_counters slot, and counts moved out of one)
  *   veth_counters     per-CPU array of VETH_COUNTER_SLOTS veth_counters: datapath, every packet
@@ -26,7 +29,7 @@
 #ifndef EGRESS_MAPS_H
 #define EGRESS_MAPS_H
 
-#define EGRESS_TOP_LAYOUT 6
+#define EGRESS_TOP_LAYOUT 7
 
 /* One flow out of one container interface. Ports are host byte order so user
  * space reads them without swapping; for ICMP/ICMPv6 src_port holds the type and
@@ -75,6 +78,56 @@ struct flow_stats {
 	 * a flow's first packet of an epoch may both announce it (user space deduplicates). */
 	__u32 epoch;
 	__u32 pad;
+};
+
+/* The per-CPU flow cache in front of the flows table. Why: over 1,000 flows the LRU
+ * table's bucket array (1 MB) and preallocated elements (~11 MB, 4 KB vmalloc pages) cost
+ * several cold cache lines and TLB misses a packet, and its counters take atomic adds; a
+ * forwarded IPv4 packet whose flow sits in this CPU's cache touches one compact 128 KB
+ * region and takes no atomics. Measured (bench/per_packet.py's traffic, 1,000 flows): the
+ * cost follows the region's size more than anything, so it is small and dense, and has
+ * ways enough (8) that 1,000 flows rarely fight over a set.
+ *
+ * Eight-way set-associative, FLOW_CACHE_SETS sets per CPU, the set found by a hash of the
+ * IPv4 5-tuple and ifindex. Only forwarded IPv4 packets of a parsed flow are cached
+ * (drops, IPv6, unparsed and overflow packets go to the table as before). A miss counts
+ * the packet in the table, then installs the flow in the set's first free way, or its
+ * last way when none is free (so flows in the other ways stay: flows that fight over a
+ * full set do not all keep missing), writing back what the evicted flow had cached.
+ *
+ * A cache entry's bytes and packets are what its flow counted since it was cached or
+ * last written back; the flow's total is its flows entry plus each CPU's cache entry
+ * (agent/datapath/flow_cache.py adds them). Counts are written back to flows on
+ * eviction and on the flow's first packet of an epoch (which also refreshes the LRU
+ * entry, so a hot cached flow is not evicted from the table as idle), and each
+ * write-back announces the flow in moved_flows. A write-back makes seq odd, zeroes the
+ * entry's counts, adds them to flows with atomics, and makes seq even again, as does a
+ * new flow taking a way: a reader that sees a way's seq change between two reads of the
+ * cache reads that way's flows again, so a write-back racing a read is neither missed
+ * nor counted twice. Sound where stores become visible in program order (x86-64, TSO):
+ * elsewhere the cache is compiled out (CACHE_FLOWS in bpf/egress.c). */
+#define FLOW_CACHE_SETS 256
+#define FLOW_CACHE_WAYS 8
+struct flow_cache_entry {
+	__u32 ifindex;   /* 0: free */
+	__u32 src_addr;  /* network order, as in flow_key */
+	__u32 dst_addr;
+	__u16 src_port;  /* host order, as in flow_key */
+	__u16 dst_port;
+	__u8  proto;
+	__u8  pad8;
+	__u16 pad16;
+	__u32 seq;       /* odd while a write-back is under way; +2 for each */
+	__u32 epoch;     /* datapath_config.epoch the flow was last announced in */
+	__u32 rule_id;   /* of its last packet (forwarded: an allow rule, or 0) */
+	__u64 bytes;     /* counted here since the last write-back */
+	__u64 packets;
+	__u64 first_seen_ns;  /* its flows entry's, copied when cached (a write-back re-creates
+	                       * the entry with it if the LRU evicted the entry meanwhile) */
+	__u64 last_seen_ns;
+};
+struct flow_cache_set {
+	struct flow_cache_entry way[FLOW_CACHE_WAYS];
 };
 
 /* What happened to a packet the container sent. Every verdict but FORWARDED is

@@ -38,6 +38,26 @@ FLOW_STATS_DTYPE = np.dtype(
     ]
 )
 
+# struct flow_cache_entry: a flow of the per-CPU flow cache (IPv4 only: addresses are 4 bytes)
+FLOW_CACHE_ENTRY_DTYPE = np.dtype(
+    [
+        ("ifindex", "<u4"),
+        ("src_addr", "V4"),
+        ("dst_addr", "V4"),
+        ("src_port", "<u2"),
+        ("dst_port", "<u2"),
+        ("proto", "u1"),
+        ("pad8", "u1"),
+        ("pad16", "<u2"),
+        ("seq", "<u4"),
+        ("epoch", "<u4"),
+        ("rule_id", "<u4"),
+        ("bytes", "<u8"),
+        ("packets", "<u8"),
+        ("first_seen_ns", "<u8"),
+        ("last_seen_ns", "<u8"),
+    ]
+)
 
 # struct veth_counters: a claimant ifindex, then a struct ifindex_counters
 VETH_COUNTERS_DTYPE = np.dtype(

@@ -23,11 +23,12 @@ from agent.datapath.syscalls import BPF_MAP_LOOKUP_ELEM, MapElemAttr, bpf_each, 
 if TYPE_CHECKING:
     import numpy as np
 
+    from agent.datapath.flow_cache import FlowCache
     from agent.datapath.flow_lookup import FlowLookup
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 6  # EGRESS_TOP_LAYOUT in bpf/egress_maps.h
+LAYOUT_VERSION = 7  # EGRESS_TOP_LAYOUT in bpf/egress_maps.h
 BPFFS = Path("/sys/fs/bpf")
 # The datapath stamps flows with CLOCK_MONOTONIC_COARSE (clock id 6 on Linux, not in Python's
 # time module), read once per jiffy: behind CLOCK_MONOTONIC by up to the last timekeeping
@@ -52,6 +53,7 @@ MAP_PINS = {
     "veth_counters": "PIN_VETH_COUNTERS",
     "flow_shares": "PIN_FLOW_SHARES",
     "moved_flows": "PIN_MOVED_FLOWS",
+    "flow_cache": "PIN_FLOW_CACHE",
 }
 STAT_FLOWS_CREATED = 0
 STAT_MOVED_LOST = 2
@@ -66,7 +68,7 @@ VETH_COUNTER_SLOTS = 1024
 def __getattr__(name: str) -> object:
     """The numpy layouts (agent/datapath/layouts.py), imported when first asked for: a
     process that only writes policy (egress-block) never loads numpy."""
-    if name in ("FLOW_KEY_DTYPE", "FLOW_STATS_DTYPE", "VETH_COUNTERS_DTYPE"):
+    if name in ("FLOW_KEY_DTYPE", "FLOW_STATS_DTYPE", "FLOW_CACHE_ENTRY_DTYPE", "VETH_COUNTERS_DTYPE"):
         from agent.datapath import layouts
 
         return getattr(layouts, name)
@@ -167,12 +169,14 @@ class Maps(PolicyMaps):
         self.datapath_stats = PinnedMap(pin_dir / "datapath_stats")
         self.datapath_config = PinnedMap(pin_dir / "datapath_config")
         self.moved_flows = PinnedMap(pin_dir / "moved_flows")
+        self.flow_cache = PinnedMap(pin_dir / "flow_cache")
         self.flow_table_size = self.flows.max_entries
         # flow_stats copies per lookup: 1, the flow table is shared (struct flow_stats)
         self.flow_copies = possible_cpus() if self.flows.percpu else 1
         self._batch_supported = True
         self._flow_lookup_loaded = False
         self._batched_lookup: FlowLookup | None = None
+        self._flow_cache: FlowCache | None = None
         self._config_memory = mmap.mmap(
             self.datapath_config.fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
         )
@@ -199,6 +203,7 @@ class Maps(PolicyMaps):
             self.datapath_stats,
             self.datapath_config,
             self.moved_flows,
+            self.flow_cache,
         ):
             pinned.close()
 
@@ -210,19 +215,25 @@ class Maps(PolicyMaps):
     # --- flows ------------------------------------------------------------------------
 
     def read_flows(self) -> FlowTableRead:
-        """The whole flow table, as merged flow_stats values."""
+        """The whole flow table, as merged flow_stats values, with the flow cache's counts
+        added (agent/datapath/flow_cache.py)."""
         import numpy as np
 
+        from agent.datapath.flow_cache import settle
         from agent.datapath.layouts import FLOW_KEY_DTYPE, FLOW_STATS_DTYPE
 
         started = _monotonic_ns() - COARSE_CLOCK_SLACK_NS
+        cache = self._cache()
+        before = cache.read()
         keys = np.empty(self.flow_table_size, FLOW_KEY_DTYPE)
         copies = np.empty((self.flow_table_size, self.flow_copies), FLOW_STATS_DTYPE)
         count = self.flows.lookup_batch(keys, copies) if self._batch_supported else None
         if count is None:
             self._batch_supported = False
             count = self._lookup_one_by_one(keys, copies)
-        return FlowTableRead(keys[:count], merge_flow_copies(copies[:count]), _monotonic_ns(), started)
+        stats = merge_flow_copies(copies[:count])
+        keys, stats = settle(keys[:count], stats, before, cache, self._lookup_table)
+        return FlowTableRead(keys, stats, _monotonic_ns(), started)
 
     def _lookup_one_by_one(self, keys: np.ndarray, copies: np.ndarray) -> int:
         """For kernels without batch lookups (before 5.6)."""
@@ -237,22 +248,39 @@ class Maps(PolicyMaps):
         return len(items)
 
     def lookup_flows(self, keys: np.ndarray) -> FlowTableRead:
-        """Just these flows (FLOW_KEY_DTYPE keys), as read_flows gives them; keys the LRU
-        evicted meanwhile are left out. One syscall per 1,024 keys (agent/datapath/flow_lookup.py),
-        or one per key where the kernel cannot run the lookup program."""
+        """Just these flows (FLOW_KEY_DTYPE keys), as read_flows gives them; keys gone from
+        the table and the cache meanwhile are left out."""
         import numpy as np
 
+        from agent.datapath.flow_cache import settle
         from agent.datapath.layouts import FLOW_KEY_DTYPE
 
         started = _monotonic_ns() - COARSE_CLOCK_SLACK_NS
         wanted = np.ascontiguousarray(keys, FLOW_KEY_DTYPE)
+        cache = self._cache()
+        before = cache.read()
+        found, stats = self._lookup_table(wanted)
+        found, stats = settle(found, stats, before, cache, self._lookup_table, wanted)
+        return FlowTableRead(found, stats, _monotonic_ns(), started)
+
+    def _lookup_table(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(keys found, their merged flow_stats) in the table alone: one syscall per 1,024
+        keys (agent/datapath/flow_lookup.py), or one per key where the kernel cannot run
+        the lookup program."""
         batched = self._flow_lookup()
         if batched is not None:
             found, stats = batched.lookup(wanted)
         else:
             found, copies = self._lookup_each(wanted)
             stats = merge_flow_copies(copies[found])
-        return FlowTableRead(wanted[found], stats, _monotonic_ns(), started)
+        return wanted[found], stats
+
+    def _cache(self) -> FlowCache:
+        if self._flow_cache is None:
+            from agent.datapath.flow_cache import FlowCache
+
+            self._flow_cache = FlowCache(self.flow_cache)
+        return self._flow_cache
 
     def _flow_lookup(self) -> FlowLookup | None:
         """The batched lookup, loaded by the first call (only a reader of moved flows needs

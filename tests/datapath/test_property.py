@@ -379,6 +379,8 @@ def reset_counters(datapath: Datapath) -> None:
             pinned.delete(key)
     # an array: zero (every CPU's copy of) the one slot our veth claims
     datapath.veth_counters.update(struct.pack("=I", IFINDEX % VETH_COUNTER_SLOTS), b"")
+    for index in range(datapath.flow_cache.max_entries):  # and every set of the flow cache
+        datapath.flow_cache.update(struct.pack("=I", index), b"")
 
 
 def configure(datapath: Datapath, state: EndpointState, store: list[Rule]) -> None:

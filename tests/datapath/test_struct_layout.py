@@ -35,6 +35,7 @@ from agent.policy.compile import POLICY_LPM_KEY_STRUCT, POLICY_RULE_STRUCT
 NUMPY_MIRRORS = {
     "flow_key": maps.FLOW_KEY_DTYPE,
     "flow_stats": maps.FLOW_STATS_DTYPE,
+    "flow_cache_entry": maps.FLOW_CACHE_ENTRY_DTYPE,
     "veth_counters": maps.VETH_COUNTERS_DTYPE,
 }
 # struct.Struct mirrors: C field names in the order of the format's items

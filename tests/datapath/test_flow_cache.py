@@ -1,0 +1,157 @@
+"""The per-CPU flow cache in front of the flow table (struct flow_cache_set, bpf/egress_maps.h;
+agent/datapath/flow_cache.py): reads add it to the table exactly, through evictions,
+epoch write-backs and a reader racing them.
+
+The compiled datapath (private pins) runs by BPF_PROG_TEST_RUN on the loopback device.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from private_datapath import ip_bytes, on_one_cpu, private_datapath, udp_frame
+from prog_run import Program, skb_context
+
+from agent.datapath import Datapath, flow_cache
+
+pytestmark = pytest.mark.system
+
+IFINDEX = 1  # the loopback device
+TABLE_SIZE = 65536
+
+
+@pytest.fixture(scope="module")
+def datapath() -> Iterator[Datapath]:
+    with private_datapath(TABLE_SIZE) as loaded:
+        loaded.set_flow_share(TABLE_SIZE)  # no overflow flow: every flow is its own
+        yield loaded
+
+
+def frames(count: int, src: str) -> list[bytes]:
+    return [udp_frame(src, f"198.51.100.{n // 50000 + 1}", 40000, n % 50000 + 1) for n in range(count)]
+
+
+def packets_by_port(datapath: Datapath, src: str) -> dict[tuple[bytes, int], int]:
+    """Packets of each flow from `src`: (destination address, port) -> packets."""
+    read = datapath.read_flows()
+    sources = np.ascontiguousarray(read.keys["src_addr"]).view(np.uint8).reshape(-1, 16)[:, :4]
+    ours = np.flatnonzero((sources == np.frombuffer(bytes(map(int, src.split("."))), np.uint8)).all(axis=1))
+    return {
+        (bytes(read.keys["dst_addr"][row])[:4], int(read.keys["dst_port"][row])): int(
+            read.stats["packets"][row]
+        )
+        for row in ours.tolist()
+    }
+
+
+def cache_entries(datapath: Datapath) -> int:
+    entries = flow_cache.FlowCache(datapath.flow_cache).read()
+    return int(np.count_nonzero(entries["ifindex"]))
+
+
+def test_more_flows_than_the_cache_holds_are_counted_exactly(datapath: Datapath) -> None:
+    """Three times as many flows as one CPU's cache holds, sent round-robin: every packet is
+    either in the table or in a cache entry, and the read adds them once."""
+    cache = flow_cache.FlowCache(datapath.flow_cache)
+    flows = 3 * cache.sets * cache.ways
+    sent = frames(flows, "198.18.3.1")
+    with on_one_cpu():
+        program = Program(datapath.program_fd, skb_context(IFINDEX))
+        for _ in range(4):
+            for frame in sent:
+                program.run(frame)
+    counted = packets_by_port(datapath, "198.18.3.1")
+    assert len(counted) == flows
+    assert set(counted.values()) == {4}
+    assert cache_entries(datapath) == cache.sets * cache.ways  # every way of that CPU took a flow
+
+
+def test_a_cached_flow_is_counted_in_its_entry_and_written_back_on_a_new_epoch(datapath: Datapath) -> None:
+    """Hits stay in the cache (the table keeps the miss), the first packet of an epoch writes
+    them back and announces the flow."""
+    frame = udp_frame("198.18.4.1", "198.51.100.9", 40000, 60007)
+    with on_one_cpu():
+        program = Program(datapath.program_fd, skb_context(IFINDEX))
+        datapath.bump_epoch()
+        for _ in range(10):
+            program.run(frame)
+        key = datapath.read_flows()
+        (row,) = np.flatnonzero(key.keys["dst_port"] == 60007)
+        table_only = datapath._lookup_table(key.keys[row : row + 1])[1]
+        assert (int(table_only["packets"][0]), int(key.stats["packets"][row])) == (1, 10)
+        datapath.read_moved_keys()
+        datapath.bump_epoch()
+        program.run(frame)
+        moved, lost = datapath.read_moved_keys()
+        table_only = datapath._lookup_table(key.keys[row : row + 1])[1]
+    assert (lost, moved is not None and 60007 in moved["dst_port"].tolist()) == (0, True)
+    assert int(table_only["packets"][0]) == 11  # written back, this packet with them
+    assert int(table_only["bytes"][0]) == 11 * ip_bytes(frame)
+
+
+def test_reads_racing_write_backs_never_go_back_or_count_twice(
+    datapath: Datapath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert races_seen(datapath, "198.18.5.1") == (0, 0)
+
+
+def test_without_settling_the_same_race_is_seen(datapath: Datapath, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check above can fail: with reads that never read a moved way again it does."""
+    monkeypatch.setattr(flow_cache, "SETTLE_ATTEMPTS", 0)
+    assert races_seen(datapath, "198.18.6.1") != (0, 0)
+
+
+RACE_FLOWS = 4096  # twice one CPU's cache: evictions all the time
+BURST = 4  # packets of a flow in a row: a flow counts hits in the cache before it is evicted
+RACE_SECONDS = 4.0
+
+
+def races_seen(datapath: Datapath, src: str) -> tuple[int, int]:
+    """(went back, ahead): a sender on one CPU runs RACE_FLOWS flows round-robin, BURST
+    packets each, so that evicted flows write back what they counted, while a reader on
+    another bumps the epoch (every cached flow writes back on its next packet) and reads the
+    whole table. Counts any flow whose total fell from one read to the next, and any read
+    total greater than what was sent before the read ended."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("a race between CPUs needs two")
+    sent = [frame for frame in frames(RACE_FLOWS, src) for _ in range(BURST)]
+    rounds_done = [0]
+    stop = threading.Event()
+
+    def send() -> None:
+        os.sched_setaffinity(0, {cpus[0]})
+        program = Program(datapath.program_fd, skb_context(IFINDEX))
+        deadline = time.monotonic() + RACE_SECONDS + 30
+        while not stop.is_set() and time.monotonic() < deadline:
+            for frame in sent:
+                program.run(frame)
+            rounds_done[0] += 1
+
+    sender = threading.Thread(target=send)
+    os.sched_setaffinity(0, {cpus[1]})
+    went_back = ahead = 0
+    try:
+        sender.start()
+        previous: dict[tuple[bytes, int], int] = {}
+        deadline = time.monotonic() + RACE_SECONDS
+        while time.monotonic() < deadline:
+            datapath.bump_epoch()
+            counted = packets_by_port(datapath, src)
+            ceiling = BURST * (rounds_done[0] + 1)  # each flow has had at most this many packets
+            ahead += sum(1 for packets in counted.values() if packets > ceiling)
+            went_back += sum(1 for flow, packets in counted.items() if packets < previous.get(flow, 0))
+            previous = counted
+    finally:
+        stop.set()
+        sender.join()
+        os.sched_setaffinity(0, set(cpus))
+    final = packets_by_port(datapath, src)
+    assert len(final) == RACE_FLOWS
+    assert set(final.values()) == {BURST * rounds_done[0]}  # exact once it stops (it stops between rounds)
+    return went_back, ahead
