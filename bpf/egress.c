@@ -337,10 +337,9 @@ static __always_inline void counters_of(__u32 ifindex, struct veth *v)
 
 /* The veth's endpoints entry and its slot's rule kinds: from the per-CPU cache while the
  * generation it was read at is current, else from the maps (and cached again). The
- * generation is read before the maps, so a copy is never newer than its generation. */
-static __always_inline void endpoint_of(__u32 ifindex, struct datapath_config *config, struct veth *v)
+ * generation (read by the caller) comes before the maps, so a copy is never newer than it. */
+static __always_inline void endpoint_of(__u32 ifindex, __u32 generation, struct veth *v)
 {
-	__u32 generation = config ? config->endpoints_generation : 0;
 	struct veth_counters *cache = v->cache;
 	if (CACHE_ENDPOINTS && cache && generation && cache->cached_generation == generation) {
 		v->known = cache->cached_flags & ENDPOINT_CACHED_KNOWN;
@@ -525,10 +524,13 @@ static __always_inline int write_back(struct flow_cache_entry *entry, __u32 epoc
 	return 1;
 }
 
-/* Counts a forwarded IPv4 packet in this CPU's flow cache. Returns 1 when its flow was
- * cached; else 0 with *victim the way the flow may take once the table has counted it. */
-static __always_inline int count_cached(struct flow_key *key, __u32 epoch, __u64 bytes, __u64 packets,
-					__u32 rule_id, struct flow_cache_entry **victim)
+/* Where a packet's flow is in this CPU's flow cache, or may go. */
+struct cached_flow {
+	struct flow_cache_entry *entry;   /* its entry; 0 when it is not cached */
+	struct flow_cache_entry *victim;  /* when it is not, the way it may take */
+};
+
+static __always_inline void find_cached(struct flow_key *key, struct cached_flow *found)
 {
 	struct flow_cache_tag tag = {};
 	tag.ifindex = key->ifindex;
@@ -539,32 +541,32 @@ static __always_inline int count_cached(struct flow_key *key, __u32 epoch, __u64
 	__u32 index = flow_cache_set_of(&tag, key->proto);
 	struct flow_cache_set *set = flow_cache.lookup(&index);
 	if (!set)
-		return 0;
+		return;
 #pragma unroll
 	for (int way = 0; way < FLOW_CACHE_WAYS; way++) {
-		struct flow_cache_entry *entry = &set->way[way];
-		if (same_flow(entry, &tag, key->proto)) {
-			entry->bytes += bytes;  /* this CPU's entry: no atomics */
-			entry->packets += packets;
-			entry->last_seen_ns = now_ns();
-			entry->rule_id = rule_id;
-			if (entry->epoch != epoch)
-				write_back(entry, epoch);  /* first packet of an epoch: announce it */
-			return 1;
+		if (same_flow(&set->way[way], &tag, key->proto)) {
+			found->entry = &set->way[way];
+			return;
 		}
 	}
-	*victim = &set->way[FLOW_CACHE_WAYS - 1];
+	found->victim = &set->way[FLOW_CACHE_WAYS - 1];
 #pragma unroll
 	for (int way = FLOW_CACHE_WAYS - 2; way >= 0; way--)
 		if (!set->way[way].ifindex)
-			*victim = &set->way[way];
-	return 0;
+			found->victim = &set->way[way];
+}
+
+/* May the packet take its cached flow's verdict (forwarded, by the entry's rule_id) instead
+ * of the policy lookups? Only while nothing the verdict depends on was written since. */
+static __always_inline int verdict_cached(struct cached_flow *found, __u32 generation)
+{
+	return CACHE_FLOWS && found->entry && generation && found->entry->generation == generation;
 }
 
 /* Puts a flow the table just counted into a cache way, after writing back the flow the
  * way held. */
 static __always_inline void cache_flow(struct flow_cache_entry *entry, struct flow_key *key, struct flow_stats *st,
-				       __u32 epoch)
+				       __u32 epoch, __u32 generation)
 {
 	if (entry->ifindex && (entry->packets || entry->bytes) && !write_back(entry, epoch))
 		return;
@@ -577,6 +579,7 @@ static __always_inline void cache_flow(struct flow_cache_entry *entry, struct fl
 	entry->dst_port = key->dst_port;
 	entry->proto = key->proto;
 	entry->epoch = epoch;  /* the table announced it in this epoch */
+	entry->generation = generation;
 	entry->rule_id = st->rule_id;
 	entry->bytes = 0;
 	entry->packets = 0;
@@ -586,15 +589,24 @@ static __always_inline void cache_flow(struct flow_cache_entry *entry, struct fl
 	entry->seq += 1;
 }
 
+/* Counts the packet in its flow: in its cache entry when it is forwarded and cached,
+ * else in the table (and then caches it, when it was forwarded and found a way). */
 static __always_inline void count_flow(struct flow_key *key, struct ifindex_counters *c,
 				       struct datapath_config *config, __u64 bytes, __u64 packets,
-				       __u32 rule_id, __u32 verdict)
+				       __u32 rule_id, __u32 verdict, struct cached_flow *found, __u32 generation)
 {
 	__u32 epoch = config ? config->epoch : 0;
-	struct flow_cache_entry *victim = 0;
-	if (CACHE_FLOWS && verdict == VERDICT_FORWARDED && key->family == 4 &&
-	    count_cached(key, epoch, bytes, packets, rule_id, &victim))
+	if (CACHE_FLOWS && found && found->entry && verdict == VERDICT_FORWARDED) {
+		struct flow_cache_entry *entry = found->entry;
+		entry->bytes += bytes;  /* this CPU's entry: no atomics */
+		entry->packets += packets;
+		entry->last_seen_ns = now_ns();
+		entry->rule_id = rule_id;
+		entry->generation = generation;
+		if (entry->epoch != epoch)
+			write_back(entry, epoch);  /* its first packet of an epoch: announce it */
 		return;
+	}
 	struct flow_stats *st = flow_of(key, c, config, bytes, packets);
 	if (!st)
 		return;
@@ -603,8 +615,9 @@ static __always_inline void count_flow(struct flow_key *key, struct ifindex_coun
 	st->rule_id = rule_id;
 	st->verdict = verdict;
 	add_to_flow(st, key, epoch, bytes, packets, verdict);
-	if (CACHE_FLOWS && victim && key->family == 4)  /* not turned into the overflow flow */
-		cache_flow(victim, key, st, epoch);
+	if (CACHE_FLOWS && found && found->victim && verdict == VERDICT_FORWARDED &&
+	    key->family == 4)  /* not turned into the overflow flow */
+		cache_flow(found->victim, key, st, epoch, generation);
 }
 
 /* A packet that is not judged by the rules: held (unknown veth) or unparsed. Counted
@@ -627,7 +640,7 @@ static __always_inline int unjudged(struct flow_key *key, int parsed, struct ifi
 	}
 	/* An unparsed key has ports 0: load_l4 fills them only once they are read. */
 	if (parsed != PARSE_NO_IP_HEADER)
-		count_flow(key, c, config, bytes, packets, 0, verdict);
+		count_flow(key, c, config, bytes, packets, 0, verdict, 0, 0);
 	return verdict == VERDICT_FORWARDED ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 }
 
@@ -664,7 +677,10 @@ int egress_top_ingress(struct __sk_buff *skb)
 	}
 	__u32 index = 0;
 	struct datapath_config *config = datapath_config.lookup(&index);  /* an array: inlined */
-	endpoint_of(ifindex, config, &v);
+	/* Read once, before any map it stands for: the endpoint, the rule kinds and the
+	 * verdict cached in the flow cache are all taken as of this generation. */
+	__u32 generation = config ? config->endpoints_generation : 0;
+	endpoint_of(ifindex, generation, &v);
 	if (!v.known && config && (config->flags & CONFIG_F_HOLD_UNKNOWN))
 		return unjudged(&key, parsed, c, config, bytes, packets, VERDICT_HELD);
 	int enforced = v.flags & ENDPOINT_F_POLICY;
@@ -672,19 +688,27 @@ int egress_top_ingress(struct __sk_buff *skb)
 		return unjudged(&key, parsed, c, config, bytes, packets,
 				enforced ? VERDICT_DROPPED_UNPARSED : VERDICT_FORWARDED);
 
+	struct cached_flow found = {};
+	if (CACHE_FLOWS && key.family == 4)
+		find_cached(&key, &found);
 	__u32 rule_id = 0;
 	__u32 verdict = VERDICT_FORWARDED;
 	if (enforced) {
-		struct policy_rule *rule = policy_match(&key, v.slot, v.rule_kinds);
-		if (rule) {
-			rule_id = rule->rule_id;
-			if (rule->action == POLICY_DROP)
-				verdict = VERDICT_DROPPED;
-			count_rule_hit(rule_id, bytes, packets, now_ns());
+		if (verdict_cached(&found, generation)) {
+			rule_id = found.entry->rule_id;
+		} else {
+			struct policy_rule *rule = policy_match(&key, v.slot, v.rule_kinds);
+			if (rule) {
+				rule_id = rule->rule_id;
+				if (rule->action == POLICY_DROP)
+					verdict = VERDICT_DROPPED;
+			}
 		}
+		if (rule_id)
+			count_rule_hit(rule_id, bytes, packets, now_ns());
 	}
 
-	count_flow(&key, c, config, bytes, packets, rule_id, verdict);
+	count_flow(&key, c, config, bytes, packets, rule_id, verdict, &found, generation);
 	if (verdict == VERDICT_DROPPED) {
 		if (c) {
 			c->dropped_packets += packets;

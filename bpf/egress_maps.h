@@ -116,10 +116,14 @@ struct flow_cache_entry {
 	__u16 dst_port;
 	__u8  proto;
 	__u8  pad8;
-	__u16 pad16;
-	__u32 seq;       /* odd while a write-back is under way; +2 for each */
+	__u16 seq;       /* odd while a write-back or a new flow is under way; +2 for each */
+	/* datapath_config.endpoints_generation when the flow's packets were last judged: while
+	 * it is current (every write to endpoints, slot_rule_kinds or the policy trie changes
+	 * it, before the write returns), a hit takes the verdict cached here, forwarded by
+	 * rule_id, without the policy lookups. A flow judged to be dropped is never cached. */
+	__u32 generation;
 	__u32 epoch;     /* datapath_config.epoch the flow was last announced in */
-	__u32 rule_id;   /* of its last packet (forwarded: an allow rule, or 0) */
+	__u32 rule_id;   /* of its last packet (forwarded: by an allow rule, or by none: 0) */
 	__u64 bytes;     /* counted here since the last write-back */
 	__u64 packets;
 	__u64 first_seen_ns;  /* its flows entry's, copied when cached (a write-back re-creates

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from private_datapath import ip_bytes, on_one_cpu, private_datapath, udp_frame
-from prog_run import Program, skb_context
+from prog_run import TC_ACT_SHOT, TC_ACT_UNSPEC, Program, skb_context
 
 from agent.datapath import Datapath, flow_cache
+from agent.policy import Rule, lpm_entries
 
 pytestmark = pytest.mark.system
 
@@ -155,3 +156,41 @@ def races_seen(datapath: Datapath, src: str) -> tuple[int, int]:
     assert len(final) == RACE_FLOWS
     assert set(final.values()) == {BURST * rounds_done[0]}  # exact once it stops (it stops between rounds)
     return went_back, ahead
+
+
+SLOT = 7
+
+
+def rule(rule_id: int, dest: str, action: str) -> Rule:
+    return Rule(rule_id, "web", dest, "cidr", None, "any", action, "2026-12-01T00:00:00Z", (dest,))
+
+
+@pytest.mark.parametrize("generation_bumped", [True, False])
+def test_a_cached_verdict_gives_way_to_a_block_written_after_it(
+    datapath: Datapath, monkeypatch: pytest.MonkeyPatch, generation_bumped: bool
+) -> None:
+    """A flow forwarded by an allow rule is cached with its verdict; a block written for it
+    drops its very next packet, because the write changes the generation the verdict was
+    cached under. Without that change (the control) the cached verdict would still pass it."""
+    if not generation_bumped:
+        monkeypatch.setattr(datapath, "_endpoints_changed", lambda: None)
+    frame = udp_frame("198.18.7.1", "198.51.100.77", 40000, 9444 if generation_bumped else 9445)
+    with on_one_cpu():
+        program = Program(datapath.program_fd, skb_context(IFINDEX))
+        datapath.set_endpoint(IFINDEX, SLOT, has_policy=True)
+        allow, block = rule(1, "198.51.100.0/24", "allow"), rule(2, "198.51.100.77/32", "block")
+        try:
+            datapath.sync_policy(
+                (entry.key_bytes(), entry.value_bytes()) for entry in lpm_entries([allow], {"web": SLOT})
+            )
+            assert [program.run(frame) for _ in range(3)] == [TC_ACT_UNSPEC] * 3  # cached, by rule 1
+            datapath.sync_policy(
+                (entry.key_bytes(), entry.value_bytes())
+                for entry in lpm_entries([allow, block], {"web": SLOT})
+            )
+            verdict = program.run(frame)
+        finally:
+            monkeypatch.undo()
+            datapath.sync_policy([])
+            datapath.forget_endpoints(keep=())
+    assert verdict == (TC_ACT_SHOT if generation_bumped else TC_ACT_UNSPEC)
