@@ -530,6 +530,16 @@ struct cached_flow {
 	struct flow_cache_entry *victim;  /* when it is not, the way it may take */
 };
 
+/* Which way of a set holds a flow, and which way a new one takes, as found by find_cached:
+ * stored and loaded again so that the verifier takes them as any value below
+ * FLOW_CACHE_WAYS. Found by branches on constants, a pointer per way would have it verify
+ * the rest of the program once for each (10x the load time). Private: not pinned. */
+struct flow_cache_probe {
+	__u32 hit;     /* FLOW_CACHE_WAYS when no way holds the flow */
+	__u32 victim;  /* the first free way, else the last */
+};
+BPF_PERCPU_ARRAY(flow_cache_probe, struct flow_cache_probe, 1);
+
 static __always_inline void find_cached(struct flow_key *key, struct cached_flow *found)
 {
 	struct flow_cache_tag tag = {};
@@ -538,22 +548,33 @@ static __always_inline void find_cached(struct flow_key *key, struct cached_flow
 	__builtin_memcpy(&tag.dst_addr, key->dst_addr, 4);
 	tag.src_port = key->src_port;
 	tag.dst_port = key->dst_port;
-	__u32 index = flow_cache_set_of(&tag, key->proto);
+	__u32 index = flow_cache_set_of(&tag, key->proto), zero = 0;
 	struct flow_cache_set *set = flow_cache.lookup(&index);
-	if (!set)
+	struct flow_cache_probe *probe = flow_cache_probe.lookup(&zero);
+	if (!set || !probe)
 		return;
+	__u32 hit = FLOW_CACHE_WAYS, victim = FLOW_CACHE_WAYS - 1;
 #pragma unroll
 	for (int way = 0; way < FLOW_CACHE_WAYS; way++) {
 		if (same_flow(&set->way[way], &tag, key->proto)) {
-			found->entry = &set->way[way];
-			return;
+			hit = way;
+			break;
 		}
 	}
-	found->victim = &set->way[FLOW_CACHE_WAYS - 1];
+	if (hit == FLOW_CACHE_WAYS) {
 #pragma unroll
-	for (int way = FLOW_CACHE_WAYS - 2; way >= 0; way--)
-		if (!set->way[way].ifindex)
-			found->victim = &set->way[way];
+		for (int way = FLOW_CACHE_WAYS - 2; way >= 0; way--)
+			if (!set->way[way].ifindex)
+				victim = way;
+	}
+	probe->hit = hit;
+	probe->victim = victim;
+	hit = *(volatile __u32 *)&probe->hit;
+	victim = *(volatile __u32 *)&probe->victim;
+	if (hit < FLOW_CACHE_WAYS)
+		found->entry = &set->way[hit];
+	else if (victim < FLOW_CACHE_WAYS)
+		found->victim = &set->way[victim];
 }
 
 /* May the packet take its cached flow's verdict (forwarded, by the entry's rule_id) instead
