@@ -397,6 +397,20 @@ static __always_inline int within_flow_share(__u32 ifindex, struct datapath_conf
 	return 1;
 }
 
+/* A new flows entry for the key, first seen at first_seen_ns (0 if the table has no room). */
+static __always_inline struct flow_stats *created_flow(struct flow_key *key, __u64 first_seen_ns)
+{
+	struct flow_stats fresh = {};
+	fresh.first_seen_ns = first_seen_ns;
+	/* NOEXIST: another CPU may have created it meanwhile, then we just add to it */
+	if (flows.insert(key, &fresh) == 0)
+		stat_inc(STAT_FLOWS_CREATED);
+	struct flow_stats *st = flows.lookup(key);
+	if (!st)
+		stat_inc(STAT_FLOW_UPDATE_FAILED);
+	return st;
+}
+
 /* The flow's counters, created on first sight; past the veth's flow share, its overflow
  * flow's instead (and key becomes that flow's). */
 static __always_inline struct flow_stats *flow_of(struct flow_key *key, struct ifindex_counters *c,
@@ -419,15 +433,13 @@ static __always_inline struct flow_stats *flow_of(struct flow_key *key, struct i
 		if (st)
 			return st;
 	}
-	struct flow_stats fresh = {};
-	fresh.first_seen_ns = now_ns();
-	/* NOEXIST: another CPU may have created it meanwhile, then we just add to it */
-	if (flows.insert(key, &fresh) == 0)
-		stat_inc(STAT_FLOWS_CREATED);
-	st = flows.lookup(key);
-	if (!st)
-		stat_inc(STAT_FLOW_UPDATE_FAILED);
-	return st;
+	return created_flow(key, now_ns());
+}
+
+static __always_inline void announce_moved(struct flow_key *key)
+{
+	if (moved_flows.ringbuf_output(key, sizeof(*key), 0) < 0)
+		stat_inc(STAT_MOVED_LOST);
 }
 
 /* Adds a flow's counts to its flows entry (atomic adds: the entry is shared by the CPUs),
@@ -443,8 +455,7 @@ static __always_inline void add_to_flow(struct flow_stats *st, struct flow_key *
 	}
 	if (st->epoch != epoch) {
 		st->epoch = epoch;
-		if (moved_flows.ringbuf_output(key, sizeof(*key), 0) < 0)
-			stat_inc(STAT_MOVED_LOST);
+		announce_moved(key);
 	}
 }
 
@@ -493,17 +504,10 @@ static __always_inline int write_back(struct flow_cache_entry *entry, __u32 epoc
 	__builtin_memcpy(key.src_addr, &entry->src_addr, 4);
 	__builtin_memcpy(key.dst_addr, &entry->dst_addr, 4);
 	struct flow_stats *st = flows.lookup(&key);
-	if (!st) {
-		struct flow_stats fresh = {};
-		fresh.first_seen_ns = entry->first_seen_ns;
-		if (flows.insert(&key, &fresh) == 0)
-			stat_inc(STAT_FLOWS_CREATED);
-		st = flows.lookup(&key);
-		if (!st) {
-			stat_inc(STAT_FLOW_UPDATE_FAILED);
-			return 0;
-		}
-	}
+	if (!st)
+		st = created_flow(&key, entry->first_seen_ns);
+	if (!st)
+		return 0;
 	__u64 bytes = entry->bytes, packets = entry->packets;
 	/* Odd seq, counts out of the entry, then into the table: a reader that read the table
 	 * before our adds and the entry after they left it sees seq changed. */
@@ -517,8 +521,9 @@ static __always_inline int write_back(struct flow_cache_entry *entry, __u32 epoc
 		st->rule_id = entry->rule_id;
 		st->verdict = VERDICT_FORWARDED;
 	}
-	st->epoch = ~epoch;  /* announce it: a write-back during a read must be read again */
+	st->epoch = epoch;
 	add_to_flow(st, &key, epoch, bytes, packets, VERDICT_FORWARDED);
+	announce_moved(&key);  /* whatever the epoch: a write-back during a read must be read again */
 	compiler_barrier();
 	entry->seq += 1;
 	return 1;

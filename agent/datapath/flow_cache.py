@@ -70,15 +70,14 @@ def settle(
     A flow's cache counts come from the cache read taken just before its table read, and
     count only if no way changed between that cache read and the next: then no count moved
     between cache and table meanwhile, and the copy was not torn by a write-back."""
-    reads = [before]  # reads[n]: the cache read before the table read of the flows re-read n times
-    last_read = np.zeros(0, f"S{_KEY_BYTES}")  # flows re-read at least once, and how many times
-    times_read = np.zeros(0, np.intp)
+    wanted_strings = None if wanted is None else _strings(wanted)
+    counted = _occupied(before)  # the entries each flow counts: the cache read before its table read
     unsettled: np.ndarray | None = None  # the flows still to check: all of them at first
     after = cache.read()
-    for attempt in range(1, SETTLE_ATTEMPTS + 1):
+    for _ in range(SETTLE_ATTEMPTS):
         moved = (before["seq"] != after["seq"]) | (after["seq"] & 1 == 1)
         again = np.unique(_strings(keys_of(np.concatenate([before[moved], after[moved]]))))
-        for among in (unsettled, None if wanted is None else _strings(wanted)):
+        for among in (unsettled, wanted_strings):
             if among is not None:
                 again = again[np.isin(again, among)]
         if not len(again):
@@ -87,31 +86,23 @@ def settle(
         kept = ~np.isin(_strings(keys), again)
         keys = np.concatenate([keys[kept], found_keys])
         stats = np.concatenate([stats[kept], found_stats])
-        earlier = ~np.isin(last_read, again)
-        last_read = np.concatenate([last_read[earlier], again])
-        times_read = np.concatenate([times_read[earlier], np.full(len(again), attempt)])
-        reads.append(after)
+        newer = _occupied(after)
+        counted = np.concatenate([_without(counted, again), newer[np.isin(_strings(keys_of(newer)), again)]])
         unsettled = again  # every other flow's ways held still: settled
         before, after = after, cache.read()
-    cached_keys, cached_stats = totals(_entries_counted(reads, last_read, times_read, wanted))
+    if wanted_strings is not None:
+        counted = counted[np.isin(_strings(keys_of(counted)), wanted_strings)]
+    cached_keys, cached_stats = totals(counted)
     return add_cached(keys, stats, cached_keys, cached_stats)
 
 
-def _entries_counted(
-    reads: list[np.ndarray], last_read: np.ndarray, times_read: np.ndarray, wanted: np.ndarray | None
-) -> np.ndarray:
-    """The cache entries each flow counts: from reads[n] for a flow re-read n times (0: never)."""
-    counted = []
-    for attempt, entries in enumerate(reads):
-        live = entries[entries["ifindex"] != 0]
-        strings = _strings(keys_of(live))
-        mine = np.isin(strings, last_read[times_read == attempt])
-        if attempt == 0:
-            mine = ~np.isin(strings, last_read)
-        if wanted is not None:
-            mine &= np.isin(strings, _strings(wanted))
-        counted.append(live[mine])
-    return np.concatenate(counted)
+def _occupied(entries: np.ndarray) -> np.ndarray:
+    return entries[entries["ifindex"] != 0]
+
+
+def _without(entries: np.ndarray, flows: np.ndarray) -> np.ndarray:
+    """The entries of flows (byte-string keys) other than these."""
+    return entries[~np.isin(_strings(keys_of(entries)), flows)]
 
 
 def keys_of(entries: np.ndarray) -> np.ndarray:
