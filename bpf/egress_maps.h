@@ -118,9 +118,11 @@ struct flow_cache_entry {
 	__u8  pad8;
 	__u16 seq;       /* odd while a write-back or a new flow is under way; +2 for each */
 	/* datapath_config.endpoints_generation when the flow's packets were last judged: while
-	 * it is current (every write to endpoints, slot_rule_kinds or the policy trie changes
-	 * it, before the write returns), a hit takes the verdict cached here, forwarded by
-	 * rule_id, without the policy lookups. A flow judged to be dropped is never cached. */
+	 * it is current (every write to endpoints, slot_rule_kinds, the policy trie or the
+	 * hold flag changes it, before the write returns), a hit takes the verdict cached
+	 * here, forwarded by rule_id, without looking up the endpoint or the policy: it is
+	 * counted in the veth's totals and here, and nothing else (counted_as_cached in
+	 * bpf/egress.c). A flow judged to be dropped is never cached. */
 	__u32 generation;
 	__u32 epoch;     /* datapath_config.epoch the flow was last announced in */
 	__u32 rule_id;   /* of its last packet (forwarded: by an allow rule, or by none: 0) */
@@ -268,8 +270,9 @@ struct datapath_config {
 	__u32 flags;  /* CONFIG_F_* */
 	__u32 epoch;  /* bumped by the agent at each read: see flow_stats.epoch */
 	__u32 flow_share;  /* flows one veth may create per epoch; 0: FLOW_TABLE_SIZE / 8 */
-	/* A new value (never 0) after every write to endpoints or slot_rule_kinds: the
-	 * copies cached in veth_counters from an older one are read again. */
+	/* A new value (never 0) after every write to endpoints, slot_rule_kinds, the policy
+	 * trie or flags: the copies cached in veth_counters and the verdicts cached in the
+	 * flow cache from an older one are read and judged again. */
 	__u32 endpoints_generation;
 };
 

@@ -53,8 +53,9 @@ class PolicyMaps:
         self._endpoints_changed()
 
     def _endpoints_changed(self) -> None:
-        """After every write to endpoints or slot_rule_kinds: the datapath's per-CPU copies
-        of them (struct veth_counters) are read again. A random new value rather than an
+        """After every write to endpoints, slot_rule_kinds, the policy trie or the hold flag:
+        the datapath's per-CPU copies of them (struct veth_counters) and the verdicts its
+        flow cache holds are read and judged again. A random new value rather than an
         increment, which two processes could both make to the same number."""
         generation = self.config.endpoints_generation
         while generation in (0, self.config.endpoints_generation):
@@ -63,8 +64,10 @@ class PolicyMaps:
 
     def set_hold_unknown(self, enabled: bool) -> None:
         """Drop IP packets of veths with no endpoint entry (held_* counters) until
-        set_endpoint names them: enforcement from a container's first packet."""
+        set_endpoint names them: enforcement from a container's first packet. The verdicts
+        the flow cache holds were judged without the change: a new generation voids them."""
         self.config.flags = CONFIG_F_HOLD_UNKNOWN if enabled else 0
+        self._endpoints_changed()
 
     def forget_endpoints(self, keep: Iterable[int]) -> None:
         """Drop endpoint entries of veths that are gone (ifindex values get reused)."""

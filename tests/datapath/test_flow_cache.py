@@ -18,6 +18,9 @@ from private_datapath import ip_bytes, on_one_cpu, private_datapath, udp_frame
 from prog_run import TC_ACT_SHOT, TC_ACT_UNSPEC, Program, skb_context
 
 from agent.datapath import Datapath, flow_cache
+from agent.datapath.layouts import VETH_COUNTERS_DTYPE
+from agent.datapath.maps import VETH_COUNTER_SLOTS
+from agent.datapath.percpu import possible_cpus
 from agent.policy import Rule, lpm_entries
 
 pytestmark = pytest.mark.system
@@ -194,3 +197,59 @@ def test_a_cached_verdict_gives_way_to_a_block_written_after_it(
             datapath.sync_policy([])
             datapath.forget_endpoints(keep=())
     assert verdict == (TC_ACT_SHOT if generation_bumped else TC_ACT_UNSPEC)
+
+
+@pytest.mark.parametrize("generation_bumped", [True, False])
+def test_holding_unknown_veths_voids_the_verdicts_cached_before(
+    datapath: Datapath, monkeypatch: pytest.MonkeyPatch, generation_bumped: bool
+) -> None:
+    """A cached hit is counted before the endpoint is looked up, so the hold on unknown veths
+    is not checked for it: turning the hold on must void the verdicts cached without it.
+    With the new generation the unknown veth's next packet is held; without it (the
+    control) the cached verdict would still pass it."""
+    if not generation_bumped:
+        monkeypatch.setattr(datapath, "_endpoints_changed", lambda: None)
+    frame = udp_frame("198.18.8.1", "198.51.100.78", 40000, 9446 if generation_bumped else 9447)
+    datapath.forget_endpoints(keep=())
+    with on_one_cpu():
+        program = Program(datapath.program_fd, skb_context(IFINDEX))
+        try:
+            assert [program.run(frame) for _ in range(3)] == [TC_ACT_UNSPEC] * 3  # cached: no hold yet
+            datapath.set_hold_unknown(True)
+            verdict = program.run(frame)
+        finally:
+            monkeypatch.undo()
+            datapath.set_hold_unknown(False)
+    assert verdict == (TC_ACT_SHOT if generation_bumped else TC_ACT_UNSPEC)
+
+
+OTHER_IFINDEX = IFINDEX + VETH_COUNTER_SLOTS  # the same veth_counters slot
+
+
+def test_cached_hits_of_a_veth_whose_slot_another_holds_count_in_its_own_totals(datapath: Datapath) -> None:
+    """The fast path counts a hit in the veth's veth_counters slot only when the veth holds
+    it: here another live veth holds it on every CPU, and every packet of the cached flow
+    still lands in this veth's totals (through counters_of's hash entry), none in the other's."""
+    frame = udp_frame("198.18.9.1", "198.51.100.79", 40000, 9448)
+    claimant = np.zeros(possible_cpus(), VETH_COUNTERS_DTYPE)
+    claimant["ifindex"] = OTHER_IFINDEX
+    slot_key = (IFINDEX % VETH_COUNTER_SLOTS).to_bytes(4, "little")
+    datapath.set_endpoint(OTHER_IFINDEX, SLOT, has_policy=False)  # live: its slot is not taken over
+    datapath.veth_counters.update(slot_key, claimant.tobytes())
+    try:
+        with on_one_cpu():
+            program = Program(datapath.program_fd, skb_context(IFINDEX))
+            program.run(frame)  # the table path caches the flow
+            before = datapath.read_endpoint_totals()[IFINDEX]
+            for _ in range(20):
+                program.run(frame)
+        totals = datapath.read_endpoint_totals()
+        assert (totals[IFINDEX].packets - before.packets, totals[IFINDEX].bytes - before.bytes) == (
+            20,
+            20 * ip_bytes(frame),
+        )
+        assert (totals[OTHER_IFINDEX].packets, totals[OTHER_IFINDEX].bytes) == (0, 0)
+        assert packets_by_port(datapath, "198.18.9.1") == {(bytes([198, 51, 100, 79]), 9448): 21}
+    finally:
+        datapath.veth_counters.update(slot_key, bytes(claimant.nbytes))
+        datapath.forget_endpoints(keep=())
