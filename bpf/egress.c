@@ -38,7 +38,11 @@ BPF_TABLE_PINNED("percpu_hash", __u32, struct ifindex_counters, ifindex_counters
 BPF_TABLE_PINNED("percpu_array", __u32, struct veth_counters, veth_counters, VETH_COUNTER_SLOTS,
 		 PIN_VETH_COUNTERS);
 BPF_TABLE_PINNED("hash", __u32, struct flow_share, flow_shares, 4096, PIN_FLOW_SHARES);
-BPF_TABLE_PINNED("percpu_array", __u32, struct flow_cache_set, flow_cache, FLOW_CACHE_SETS, PIN_FLOW_CACHE);
+#ifndef FLOW_CACHE_CPUS
+#error "FLOW_CACHE_CPUS (the possible CPUs) must be given: agent/datapath/loader.py does"
+#endif
+BPF_TABLE_PINNED("array", __u32, struct flow_cache_set, flow_cache, FLOW_CACHE_CPUS * FLOW_CACHE_SETS,
+		 PIN_FLOW_CACHE);  /* each CPU its own sets: struct flow_cache_set */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, datapath_stats, STAT_MAX, PIN_DATAPATH_STATS);
 /* Mappable: user space writes each field in place (a 4-byte store), so the agent bumping
  * the epoch can never undo another process setting the flags, as a whole-value update could. */
@@ -561,8 +565,8 @@ static __always_inline void find_cached(struct flow_key *key, struct cached_flow
 	__builtin_memcpy(&tag.dst_addr, key->dst_addr, 4);
 	tag.src_port = key->src_port;
 	tag.dst_port = key->dst_port;
-	__u32 index = flow_cache_set_of(&tag, key->proto), zero = 0;
-	struct flow_cache_set *set = flow_cache.lookup(&index);
+	__u32 index = bpf_get_smp_processor_id() * FLOW_CACHE_SETS + flow_cache_set_of(&tag, key->proto), zero = 0;
+	struct flow_cache_set *set = flow_cache.lookup(&index);  /* 0 past FLOW_CACHE_CPUS: not cached */
 	struct flow_cache_probe *probe = flow_cache_probe.lookup(&zero);
 	if (!set || !probe)
 		return;

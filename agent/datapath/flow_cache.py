@@ -37,21 +37,22 @@ TableLookup = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 class FlowCache:
-    """The pinned flow_cache map, read whole: every CPU's every way."""
+    """The pinned flow_cache map, read whole: every CPU's every way. A plain array, each
+    CPU's sets one after the other (struct flow_cache_set says why)."""
 
     def __init__(self, pinned: PinnedMap) -> None:
         self.map = pinned
-        self.sets = pinned.max_entries
+        self.sets = pinned.max_entries // possible_cpus()  # one CPU's
         self.ways = pinned.value_size // FLOW_CACHE_ENTRY_DTYPE.itemsize
-        self._indexes = np.arange(self.sets, dtype=np.uint32)
+        self._indexes = np.arange(pinned.max_entries, dtype=np.uint32)
 
     def read(self) -> np.ndarray:
-        """Every entry (FLOW_CACHE_ENTRY_DTYPE), in a fixed order: set, CPU, way."""
-        entries = np.zeros((self.sets, possible_cpus(), self.ways), FLOW_CACHE_ENTRY_DTYPE)
+        """Every entry (FLOW_CACHE_ENTRY_DTYPE), in a fixed order: CPU, set, way."""
+        entries = np.zeros((len(self._indexes), self.ways), FLOW_CACHE_ENTRY_DTYPE)
         if self.map.lookup_batch(self._indexes, entries) is None:  # kernels before 5.6
-            for index in range(self.sets):
-                raw = self.map.lookup(int(index).to_bytes(4, "little")) or b""
-                entries[index] = np.frombuffer(raw, FLOW_CACHE_ENTRY_DTYPE).reshape(entries.shape[1:])
+            for index in self._indexes.tolist():
+                raw = self.map.lookup(index.to_bytes(4, "little")) or b""
+                entries[index] = np.frombuffer(raw, FLOW_CACHE_ENTRY_DTYPE)
         return entries.reshape(-1)
 
 

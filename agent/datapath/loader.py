@@ -32,6 +32,7 @@ from agent.datapath.cached_load import map_id, map_spec, relocations_of, with_ma
 from agent.datapath.headers import ensure_kernel_headers
 from agent.datapath.lifecycle import exclusive
 from agent.datapath.maps import MAP_PINS, POLICY_TABLE_SIZE
+from agent.datapath.percpu import possible_cpus
 from agent.datapath.program import bpf_source_dir, program_pin, replace_program_pins
 from agent.datapath.program_cache import CompiledProgram
 from agent.datapath.syscalls import obj_get
@@ -50,6 +51,7 @@ def load_and_pin(flow_table_size: int, pin_dir: Path) -> Path:
         f"-I{source.parent}",
         f"-DFLOW_TABLE_SIZE={flow_table_size}",
         f"-DPOLICY_TABLE_SIZE={POLICY_TABLE_SIZE}",
+        f"-DFLOW_CACHE_CPUS={possible_cpus()}",
         *(f'-D{macro}="{pin_dir / name}"' for name, macro in MAP_PINS.items()),
     ]
     with tempfile.TemporaryDirectory(prefix="egress-top-") as tmp:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 7  # EGRESS_TOP_LAYOUT in bpf/egress_maps.h
+LAYOUT_VERSION = 8  # EGRESS_TOP_LAYOUT in bpf/egress_maps.h
 BPFFS = Path("/sys/fs/bpf")
 # The datapath stamps flows with CLOCK_MONOTONIC_COARSE (clock id 6 on Linux, not in Python's
 # time module), read once per jiffy: behind CLOCK_MONOTONIC by up to the last timekeeping

@@ -29,6 +29,7 @@ from agent.datapath.maps import (
     pinned_flow_table_size,
     pins_exist,
 )
+from agent.datapath.percpu import possible_cpus
 from agent.datapath.syscalls import obj_get, obj_pin
 from agent.errors import EXIT_KERNEL, UserError
 
@@ -46,7 +47,9 @@ def program_fingerprint(flow_table_size: int, pin_dir: Path = PIN_DIR) -> str:
     """Changes whenever a rebuild would give another program: source, sizes, pin paths, kernel."""
     digest = program_cache.new_digest()
     program_cache.add_sources(digest, bpf_source_dir())
-    digest.update(f"{flow_table_size}/{POLICY_TABLE_SIZE}/{pin_dir}/{os.uname().release}".encode())
+    digest.update(
+        f"{flow_table_size}/{POLICY_TABLE_SIZE}/{possible_cpus()}/{pin_dir}/{os.uname().release}".encode()
+    )
     return digest.hexdigest()[:16]
 
 
