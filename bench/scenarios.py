@@ -9,11 +9,10 @@ import os
 import time
 from collections.abc import Iterator
 
-from agent.datapath import Datapath, detach, program_cache
+from agent.datapath import Datapath, detach
 from agent.datapath.attach import attach
-from agent.datapath.cached_load import load_compiled
 from agent.datapath.maps import pinned_flow_table_size
-from agent.datapath.program import bpf_source_dir
+from agent.datapath.program import load_cached_build
 from agent.policy import POLICY_ALLOW, POLICY_DROP, LpmEntry
 from bench.bpf_stats import ONE_HASHED_SLOT_PER_FLOW, ONE_SLOT_PER_FLOW, TRIVIAL, BenchProgram, BenchSource
 from bench.environment import IPTABLES_HOOK_CHAIN, NETWORK_BRIDGE, NFT_TABLE, sh
@@ -97,9 +96,7 @@ def fresh_load(datapath: Datapath) -> int:
     lands moves its cost per packet by up to 15% (six loads of one build side by side, 1,000
     flows: 2.48-2.84x the trivial program); a turn per load makes the rounds' median that of a
     host's loads, not of the one this run happened to get."""
-    flow_table_size = pinned_flow_table_size() or 0
-    compiled = program_cache.load(program_cache.cache_key(flow_table_size, bpf_source_dir()))
-    fd = load_compiled(compiled, datapath.pin_dir) if compiled is not None else None
+    fd = load_cached_build(pinned_flow_table_size(datapath.pin_dir) or 0, datapath.pin_dir)
     return fd if fd is not None else os.dup(datapath.program_fd)
 
 

@@ -314,11 +314,17 @@ struct veth {
 	__u32 rule_kinds;
 };
 
+/* This CPU's veth_counters slot of the veth, whichever veth holds it now. */
+static __always_inline struct veth_counters *veth_slot(__u32 ifindex)
+{
+	__u32 index = ifindex % VETH_COUNTER_SLOTS;
+	return veth_counters.lookup(&index);
+}
+
 /* This CPU's counters of the veth (struct veth_counters explains where they live). */
 static __always_inline void counters_of(__u32 ifindex, struct veth *v)
 {
-	__u32 index = ifindex % VETH_COUNTER_SLOTS;
-	struct veth_counters *slot = veth_counters.lookup(&index);
+	struct veth_counters *slot = veth_slot(ifindex);
 	v->cache = 0;
 	v->counters = 0;
 	if (!slot)
@@ -627,6 +633,18 @@ static __always_inline void cache_flow(struct flow_cache_entry *entry, struct fl
 	entry->seq += 1;
 }
 
+/* Counts a packet in its flow's cache entry (this CPU's: no atomics); the flow's first
+ * packet of an epoch writes the entry back, which announces the flow. */
+static __always_inline void count_in_entry(struct flow_cache_entry *entry, __u32 epoch, __u64 bytes,
+					   __u64 packets, __u64 now)
+{
+	entry->bytes += bytes;
+	entry->packets += packets;
+	entry->last_seen_ns = now;
+	if (entry->epoch != epoch)
+		write_back(entry, epoch);
+}
+
 /* The fast path, taken before anything else is looked up: a packet whose flow this CPU
  * caches with a verdict of the current generation, from a veth that holds its
  * veth_counters slot here, needs nothing else. Its verdict (forwarded, by rule_id) and
@@ -638,21 +656,15 @@ static __always_inline int counted_as_cached(struct cached_flow *found, __u32 if
 {
 	if (!config || !verdict_cached(found, generation))
 		return 0;
-	__u32 index = ifindex % VETH_COUNTER_SLOTS;
-	struct veth_counters *slot = veth_counters.lookup(&index);
+	struct veth_counters *slot = veth_slot(ifindex);
 	if (!slot || slot->ifindex != ifindex)
 		return 0;  /* its counters are elsewhere: counters_of finds them */
 	slot->counters.packets += packets;
 	slot->counters.bytes += bytes;
-	struct flow_cache_entry *entry = found->entry;
 	__u64 now = now_ns();
-	if (entry->rule_id)
-		count_rule_hit(entry->rule_id, bytes, packets, now);
-	entry->bytes += bytes;  /* this CPU's entry: no atomics */
-	entry->packets += packets;
-	entry->last_seen_ns = now;
-	if (entry->epoch != config->epoch)
-		write_back(entry, config->epoch);  /* its first packet of an epoch: announce it */
+	if (found->entry->rule_id)
+		count_rule_hit(found->entry->rule_id, bytes, packets, now);
+	count_in_entry(found->entry, config->epoch, bytes, packets, now);
 	return 1;
 }
 
@@ -665,14 +677,9 @@ static __always_inline void count_flow(struct flow_key *key, struct ifindex_coun
 {
 	__u32 epoch = config ? config->epoch : 0;
 	if (CACHE_FLOWS && found && found->entry && verdict == VERDICT_FORWARDED) {
-		struct flow_cache_entry *entry = found->entry;
-		entry->bytes += bytes;  /* this CPU's entry: no atomics */
-		entry->packets += packets;
-		entry->last_seen_ns = now_ns();
-		entry->rule_id = rule_id;
-		entry->generation = generation;
-		if (entry->epoch != epoch)
-			write_back(entry, epoch);  /* its first packet of an epoch: announce it */
+		found->entry->rule_id = rule_id;  /* before a write-back, which copies it */
+		found->entry->generation = generation;
+		count_in_entry(found->entry, epoch, bytes, packets, now_ns());
 		return;
 	}
 	struct flow_stats *st = flow_of(key, c, config, bytes, packets);

@@ -94,8 +94,10 @@ struct flow_stats {
  * given by the loader), not in a per-CPU array: that one reaches each element through a
  * table of per-CPU pointers, one more dependent load a packet, and allocates each set on
  * its own. Measured side by side: 0.07-0.18x of the trivial program less per packet over
- * 1,000 flows. Each CPU still writes only its own sets. Only forwarded IPv4 packets of a parsed flow are cached
- * (drops, IPv6, unparsed and overflow packets go to the table as before). A miss counts
+ * 1,000 flows. Each CPU still writes only its own sets.
+ *
+ * Only forwarded IPv4 packets of a parsed flow are cached (drops, IPv6, unparsed and
+ * overflow packets go to the table as before). A miss counts
  * the packet in the table, then installs the flow in the set's first free way, or its
  * last way when none is free (so flows in the other ways stay: flows that fight over a
  * full set do not all keep missing), writing back what the evicted flow had cached.

@@ -104,14 +104,21 @@ def _flow_table_in_force(requested: int, pin_dir: Path) -> int:
     return pinned
 
 
+def load_cached_build(flow_table_size: int, pin_dir: Path) -> int | None:
+    """The fd of a new load of the build the cache holds for this source and kernel (its
+    maps opened from, or created and pinned in, pin_dir), without BCC; None when there is
+    none or it would not load."""
+    compiled = program_cache.load(program_cache.cache_key(flow_table_size, bpf_source_dir()))
+    if compiled is None:
+        return None
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    return load_compiled(compiled, pin_dir)
+
+
 def load_from_cache(flow_table_size: int, pin_dir: Path) -> bool:
     """Load and pin the build the cache holds for this source and kernel, without BCC;
     False when there is none (or it would not load): then the loader compiles."""
-    compiled = program_cache.load(program_cache.cache_key(flow_table_size, bpf_source_dir()))
-    if compiled is None:
-        return False
-    pin_dir.mkdir(parents=True, exist_ok=True)
-    program_fd = load_compiled(compiled, pin_dir)
+    program_fd = load_cached_build(flow_table_size, pin_dir)
     if program_fd is None:
         return False
     try:
