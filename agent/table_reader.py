@@ -10,6 +10,10 @@ buffer has a single consumer position, so the process that holds the consumer lo
 reads moved keys and any other front end beside it reads the whole table. Each veth's
 flow share (new flows it may create before its overflow flow counts the rest) is per
 epoch, so every reader bumps the epoch once per refresh.
+
+A flow announced in the epoch a read bumped to (its first packet came between the bump
+and the read) is not announced again when it moves after the read, until the next bump:
+the next read looks it up all the same, or the packets it sent last would never be read.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import fcntl
 import os
 import time
 from pathlib import Path
+
+import numpy as np
 
 from agent.datapath import RUN_DIR, Maps
 from agent.flows import TableRead
@@ -39,6 +45,8 @@ class FlowTableReader:
         self.maps = maps
         self._consumer_fd = _take_consumer_lock(run_dir)
         self._baseline_taken = False
+        # flows the last read found moved in the epoch it bumped to: see the module's doc
+        self._moved_in_read_epoch: np.ndarray | None = None
 
     @property
     def reads_moved_keys(self) -> bool:
@@ -53,8 +61,10 @@ class FlowTableReader:
         """This interval's read, with each veth's exact totals."""
         # Epoch first: a flow moving after the drain is announced again for the next read. Every
         # reader bumps it, consumer or not: each veth's flow share is counted per epoch.
-        self.maps.bump_epoch()
+        epoch = self.maps.bump_epoch()
         moved, lost = self.maps.read_moved_keys() if self.reads_moved_keys else (None, 0)
+        if moved is not None and self._moved_in_read_epoch is not None:
+            moved = distinct_keys(np.concatenate([moved, self._moved_in_read_epoch]))
         complete = (
             moved is None
             or full_read_wanted
@@ -63,6 +73,8 @@ class FlowTableReader:
         )
         read = self.maps.read_flows() if complete else self.maps.lookup_flows(moved)
         self._baseline_taken = True
+        if self.reads_moved_keys:
+            self._moved_in_read_epoch = read.keys[read.stats["epoch"] == epoch]
         return TableRead(
             keys=read.keys,
             stats=read.stats,
@@ -74,6 +86,11 @@ class FlowTableReader:
             complete=complete,
             moved_lost=lost,
         )
+
+
+def distinct_keys(keys: np.ndarray) -> np.ndarray:
+    """Flow keys (FLOW_KEY_DTYPE) without repeats, compared bytewise."""
+    return np.unique(keys.view(f"V{keys.dtype.itemsize}")).view(keys.dtype)
 
 
 def _take_consumer_lock(run_dir: Path) -> int | None:

@@ -43,15 +43,22 @@ PYTHON = "/usr/bin/python3"  # the host's: it runs inside netns we enter, never 
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.05) -> T:
-    """Poll until predicate() is truthy; return its value, or fail the test."""
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    interval: float = 0.05,
+    describe: Callable[[], object] | None = None,
+) -> T:
+    """Poll until predicate() is truthy; return its value, or fail the test (with what
+    describe() tells of the state it ended in)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            state = f": {describe()}" if describe else ""
+            raise AssertionError(f"condition not met within {timeout}s{state}")
         time.sleep(interval)
 
 

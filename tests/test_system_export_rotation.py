@@ -49,6 +49,18 @@ def packets_by_source_port(export: Path, container_name: str) -> Counter[int]:
     return sums
 
 
+def counted_as_sent(export: Path, container_name: str, sent: dict[int, int]) -> None:
+    """Wait until each flow's packets_delta, summed over every file, is what was sent."""
+    wait_until(
+        lambda: packets_by_source_port(export, container_name) == Counter(sent),
+        timeout=10,
+        describe=lambda: (
+            f"sent {sorted(sent.items())}, counted {sorted(packets_by_source_port(export, container_name).items())}"
+            f" in {len(list(export.parent.glob(export.name + '*')))} files"
+        ),
+    )
+
+
 def send_batches(lab: Lab, container, port: int, sent: dict[int, int]) -> threading.Thread:
     """Bounded traffic in the background: BATCHES flows of PER_BATCH datagrams, each from its
     own socket (its own flow), spread over ~3 s so rotations fall in the middle."""
@@ -99,7 +111,7 @@ def test_logrotate_with_the_shipped_config_loses_and_splits_nothing(
         sender.join(timeout=60)
         assert rotations >= 2, "the traffic ended before two rotations: nothing was rotated while it flowed"
         assert sink.wait_for(BATCHES * PER_BATCH, timeout=10)[0] == BATCHES * PER_BATCH
-        wait_until(lambda: packets_by_source_port(export, container.name) == Counter(sent), timeout=10)
+        counted_as_sent(export, container.name, sent)
         assert agent.proc.poll() is None, agent.stderr_lines  # SIGHUP reopened, it did not stop
     finally:
         assert agent.stop() == 0, agent.stderr_lines
@@ -129,7 +141,7 @@ def test_size_rotation_keeps_k_files_and_splits_nothing(
         agent.wait_ready()
         sent: dict[int, int] = {}
         send_batches(lab, container, 5461, sent).join(timeout=60)
-        wait_until(lambda: packets_by_source_port(export, container.name) == Counter(sent), timeout=10)
+        counted_as_sent(export, container.name, sent)
     finally:
         assert agent.stop() == 0, agent.stderr_lines
     rotated = [p for p in tmp_path.iterdir() if p.name.startswith("flows.ndjson.")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from prog_run import Program, skb_context
 from agent.datapath import FLOW_KEY_DTYPE, Datapath
 from agent.datapath.maps import COARSE_CLOCK_SLACK_NS, MOVED_FLOWS_BYTES
 from agent.datapath.ringbuf import RINGBUF_HEADER_BYTES
+from agent.table_reader import FlowTableReader
 
 pytestmark = pytest.mark.system
 
@@ -121,3 +123,34 @@ def test_a_lookup_leaves_out_the_keys_the_table_no_longer_holds(datapath: Datapa
     read = datapath.lookup_flows(np.concatenate([gone, full.keys[ours], gone]))
     assert dict(zip(read.keys["dst_port"].tolist(), read.stats["packets"].tolist(), strict=True)) == expected
     assert datapath.lookup_flows(gone).keys.size == 0
+
+
+def test_a_flow_that_moved_during_a_read_is_read_again_by_the_next(
+    datapath: Datapath, program: Program, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flow whose first packet of an epoch comes between the reader's bump and its drain is
+    announced once, in the epoch the read is in: packets after that read stay unannounced
+    until the next bump. The next read must look the flow up all the same, or a flow that
+    stops there keeps its last packets out of every delta read."""
+    frame = udp_frame("198.18.0.3", "198.51.100.7", 40003, 21000)
+    program.run(frame)
+    reader = FlowTableReader(datapath, run_dir=tmp_path)
+    try:
+        reader.read(full_read_wanted=False)  # the baseline: a full read
+        bump = datapath.bump_epoch
+
+        def bump_then_a_packet() -> int:
+            epoch = bump()
+            program.run(frame)  # the moment of the race: after the bump, before the drain
+            return epoch
+
+        monkeypatch.setattr(datapath, "bump_epoch", bump_then_a_packet)
+        during = reader.read(full_read_wanted=False)
+        monkeypatch.setattr(datapath, "bump_epoch", bump)
+        program.run(frame)  # the flow's last packet: same epoch, after the read
+        after = reader.read(full_read_wanted=False)
+    finally:
+        reader.close()
+    assert (during.complete, after.complete) == (False, False)
+    ours = [read.stats["packets"][read.keys["dst_port"] == 21000].tolist() for read in (during, after)]
+    assert ours == [[2], [3]]
