@@ -48,7 +48,7 @@ class FlowCache:
 
     def read(self) -> np.ndarray:
         """Every entry (FLOW_CACHE_ENTRY_DTYPE), in a fixed order: CPU, set, way."""
-        entries = np.zeros((len(self._indexes), self.ways), FLOW_CACHE_ENTRY_DTYPE)
+        entries = np.empty((len(self._indexes), self.ways), FLOW_CACHE_ENTRY_DTYPE)  # every index is read
         if self.map.lookup_batch(self._indexes, entries) is None:  # kernels before 5.6
             for index in self._indexes.tolist():
                 raw = self.map.lookup(index.to_bytes(4, "little")) or b""
@@ -77,6 +77,8 @@ def settle(
     after = cache.read()
     for _ in range(SETTLE_ATTEMPTS):
         moved = (before["seq"] != after["seq"]) | (after["seq"] & 1 == 1)
+        if not moved.any():  # most reads: no way changed while the table was read
+            break
         again = np.unique(_strings(keys_of(np.concatenate([before[moved], after[moved]]))))
         for among in (unsettled, wanted_strings):
             if among is not None:
@@ -91,9 +93,10 @@ def settle(
         counted = np.concatenate([_without(counted, again), newer[np.isin(_strings(keys_of(newer)), again)]])
         unsettled = again  # every other flow's ways held still: settled
         before, after = after, cache.read()
-    if wanted_strings is not None:
-        counted = counted[np.isin(_strings(keys_of(counted)), wanted_strings)]
     cached_keys, cached_stats = totals(counted)
+    if wanted_strings is not None:  # after totals: fewer rows, one per flow with counts
+        keep = np.isin(_strings(cached_keys), wanted_strings)
+        cached_keys, cached_stats = cached_keys[keep], cached_stats[keep]
     return add_cached(keys, stats, cached_keys, cached_stats)
 
 
