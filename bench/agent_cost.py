@@ -8,6 +8,10 @@ containers, its CPU and memory sampled every second for the whole run, in two ph
 
 Nothing is written into the agent's maps by the bench: a flow the datapath did not create
 costs the agent differently (it never announces a move), so it would measure something else.
+
+Beside the real phase runs the wake control (bench/wake_cost.py): a fixed piece of work timed
+back to back and once a second, which tells what this machine charges any process for
+waking once a second, apart from what the agent does.
 `python -m bench --only agent` runs this alone (bench/results/agent_cost.json, agent_cost.png).
 """
 
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -167,6 +173,16 @@ class RealFlows:
         ]
 
 
+def start_wake_control(seconds: float) -> subprocess.Popen[str]:
+    """bench/wake_cost.py in the agent's interpreter, waking once a second for `seconds`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.wake_cost", str(max(2, int(seconds) - 1))],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
 def flows_to_upstream(maps: Maps) -> int:
     keys = maps.read_flows().keys
     upstream = bytes(int(part) for part in UPSTREAM_SERVER.split(".")).ljust(16, b"\0")
@@ -196,7 +212,9 @@ def agent_cost(env: Environment, settings: Settings, results: Results) -> Path:
         real_in_table = flows_to_upstream(maps)
         movers = real.keep_moving(SETTLE_SECONDS + settings.agent_seconds)
         time.sleep(SETTLE_SECONDS)
+        control = start_wake_control(settings.agent_seconds)
         real_phase = sampler.phase("real", settings.agent_seconds)
+        wake_control = json.loads(control.communicate(timeout=60)[0])
     finally:
         for process in movers:
             process.kill()
@@ -214,6 +232,7 @@ def agent_cost(env: Environment, settings: Settings, results: Results) -> Path:
         "real_flows": {"created": real.created, "in_table": real_in_table, "senders": len(real.pids)},
         "idle": idle,
         "real": real_phase,
+        "wake_control": wake_control,
         "phases": sampler.phases,
         "series": sampler.series(),
         "command": f"egress-agent run -i 1 --flow-table-size {table_size}",

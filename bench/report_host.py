@@ -6,6 +6,14 @@ from __future__ import annotations
 from bench.markdown import DASH, Data, ms_range, section, table
 
 
+def wake_factor(agent: Data) -> float | None:
+    """The wake control's CPU once a second over its CPU back to back (medians), if measured."""
+    control = agent.get("wake_control")
+    if not control:
+        return None
+    return control["after_a_second_asleep_ms"]["median"] / control["back_to_back_ms"]["median"]
+
+
 def refresh_section(refresh: Data) -> list[str]:
     lines = section(
         f"Flow-table refresh: Maps.read_flows + FlowAggregator.update, {refresh['containers']} containers",
@@ -62,6 +70,16 @@ def agent_section(agent: Data) -> list[str]:
             ]
         )
     lines += table(["phase", "over", "CPU, % of one core", "VmRSS MB", "RssAnon MB", "RssFile MB"], rows)
+    control = agent.get("wake_control")
+    if control:
+        hot, woken = control["back_to_back_ms"], control["after_a_second_asleep_ms"]
+        lines += [
+            "Wake control, beside the real phase (bench/wake_cost.py): a fixed piece of numpy and "
+            f"Python work takes {hot['median']:.2f} ms of CPU back to back and {woken['median']:.2f} ms "
+            f"(p25{DASH}p75 {woken['p25']:.2f}{DASH}{woken['p75']:.2f}) once a second after sleeping, "
+            f"{wake_factor(agent):.1f}x: what this machine adds to any process that wakes once a second.",
+            "",
+        ]
     return [*lines, "![agent RSS and CPU over time](agent_cost.png)", ""]
 
 

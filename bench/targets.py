@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from bench.common import Results
 from bench.markdown import Data, points, table
 from bench.report_datapath import program_share, quartiles
+from bench.report_host import wake_factor
 
 UDP_RATIO_TARGET = 0.98  # issue 11: UDP 64 B throughput with our program / without
 # issue 11, in multiples of the trivial program's ns per packet
@@ -155,13 +156,21 @@ def agent_target(agent: Data) -> Verdict:
         misses.append(f"CPU {cpu / AGENT_CPU_PERCENT:.1f}x the budget")
     if rss > AGENT_RSS_MB:
         misses.append(f"RSS {rss - AGENT_RSS_MB:.0f} MB over")
+    control = wake_factor(agent)
     return Verdict(
         f"agent at {agent['containers']} containers / {agent['real_flows']['in_table']:,} real flows, 1% "
         f"moving: ≤ {AGENT_CPU_PERCENT:.0f}% of a core, ≤ {AGENT_RSS_MB:.0f} MB",
         f"{cpu:.1f}% of one core, {rss:.0f} MB RSS (empty table: {idle['cpu_percent_of_one_core']:.1f}%, "
-        f"{idle['VmRSS_mb']['max']:.0f} MB)",
+        f"{idle['VmRSS_mb']['max']:.0f} MB)" + (f"; wake control {control:.1f}x" if control else ""),
         not misses,
         "; ".join(misses),
+        why=(
+            f"The wake control of the same run (bench/wake_cost.py) costs {control:.1f}x as much CPU "
+            "once a second as back to back: this machine charges a process for waking, and a refresh "
+            "every second pays it each time, apart from what the agent does."
+            if control and cpu > AGENT_CPU_PERCENT
+            else ""
+        ),
     )
 
 

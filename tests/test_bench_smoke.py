@@ -152,6 +152,9 @@ def test_agent_cost_and_refresh(smoke: SmokeRun) -> None:
     # one sample a second across the phases, and the plot of it
     assert len(agent["series"]) >= int(agent["real"]["seconds"] + agent["idle"]["seconds"])
     assert (smoke.directory / "agent_cost.png").read_bytes().startswith(b"\x89PNG")
+    control = agent["wake_control"]  # timed beside the real phase, once a second
+    assert control["back_to_back_ms"]["n"] == 50 and control["after_a_second_asleep_ms"]["n"] >= 2
+    assert min(control["back_to_back_ms"]["min"], control["after_a_second_asleep_ms"]["min"]) > 0
 
     refresh = smoke.load("read_and_aggregate")["levels"]
     for count, level in refresh.items():

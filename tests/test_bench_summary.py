@@ -7,7 +7,7 @@ from pathlib import Path
 from bench.common import Results, spread
 from bench.markdown import DASH
 from bench.summary import README_BEGIN, README_END, update_readme
-from bench.targets import start_targets, udp_ratio_target
+from bench.targets import agent_target, start_targets, udp_ratio_target
 
 PER_PACKET = {
     "repetitions": 1,
@@ -138,3 +138,26 @@ def test_the_readme_block_puts_the_agents_measured_cost_beside_its_peers(tmp_pat
         "| 47 MB VmRSS (empty table: 38 MB) | 0.8% of one core = 8 millicores (empty table: 0.4%) |"
     ) in text
     assert "| Cilium agent (per node) |" in text
+
+
+def test_the_agent_verdict_carries_the_wake_control_and_says_why_only_on_a_miss() -> None:
+    control = {"back_to_back_ms": {"median": 1.0}, "after_a_second_asleep_ms": {"median": 5.0}}
+    usage = {"VmRSS_mb": {"max": 46.0}}
+    agent = {
+        "containers": 200,
+        "real_flows": {"in_table": 100_000},
+        "idle": {**usage, "cpu_percent_of_one_core": 1.2},
+        "wake_control": control,
+    }
+    missed = agent_target({**agent, "real": {**usage, "cpu_percent_of_one_core": 1.9}})
+    met = agent_target({**agent, "real": {**usage, "cpu_percent_of_one_core": 0.8}})
+    assert (missed.met, met.met) == (False, True)
+    assert missed.measured.endswith("; wake control 5.0x") and met.measured.endswith("; wake control 5.0x")
+    assert "costs 5.0x as much CPU once a second as back to back" in missed.why
+    assert met.why == ""
+    assert (
+        "wake control"
+        not in agent_target(
+            {**agent, "wake_control": None, "real": usage | {"cpu_percent_of_one_core": 1.9}}
+        ).measured
+    )
