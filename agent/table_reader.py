@@ -63,7 +63,7 @@ class FlowTableReader:
         # reader bumps it, consumer or not: each veth's flow share is counted per epoch.
         epoch = self.maps.bump_epoch()
         moved, lost = self.maps.read_moved_keys() if self.reads_moved_keys else (None, 0)
-        if moved is not None and self._moved_in_read_epoch is not None:
+        if moved is not None and self._moved_in_read_epoch is not None and len(self._moved_in_read_epoch):
             moved = distinct_keys(np.concatenate([moved, self._moved_in_read_epoch]))
         complete = (
             moved is None

@@ -253,10 +253,12 @@ class Maps(PolicyMaps):
         import numpy as np
 
         from agent.datapath.flow_cache import settle
-        from agent.datapath.layouts import FLOW_KEY_DTYPE
+        from agent.datapath.layouts import FLOW_KEY_DTYPE, FLOW_STATS_DTYPE
 
         started = _monotonic_ns() - COARSE_CLOCK_SLACK_NS
         wanted = np.ascontiguousarray(keys, FLOW_KEY_DTYPE)
+        if not len(wanted):  # nothing moved: nothing to read, in the table or the cache
+            return FlowTableRead(wanted, np.empty(0, FLOW_STATS_DTYPE), _monotonic_ns(), started)
         cache = self._cache()
         before = cache.read()
         found, stats = self._lookup_table(wanted)
@@ -343,6 +345,8 @@ class Maps(PolicyMaps):
         lost, self._moved_lost_seen = lost_so_far - self._moved_lost_seen, lost_so_far
         if lost:
             return None, lost
+        if not len(raw):
+            return np.empty(0, FLOW_KEY_DTYPE), 0
         announced = np.frombuffer(raw, f"V{FLOW_KEY_DTYPE.itemsize}")
         return np.unique(announced).view(FLOW_KEY_DTYPE), 0
 
