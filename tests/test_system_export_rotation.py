@@ -125,9 +125,11 @@ def test_size_rotation_keeps_k_files_and_splits_nothing(
     container = lab.container("sized", network=lab.network())
     upstream.udp_sink(5461)
     export = tmp_path / "flows.ndjson"
+    # A refresh every 0.2 s: ~3 files of 2 KB a second, so the 50 kept hold ~15 s of records, room
+    # for a slow sender; at 0.1 s a machine slower to send than ~9 s lost its oldest records.
     agent = Agent(
         "-i",
-        "0.1",
+        "0.2",
         "--metrics",
         "off",
         "--export",

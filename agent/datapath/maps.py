@@ -380,8 +380,8 @@ class Maps(PolicyMaps):
         fields = _IFINDEX_COUNTERS.size // 8
         entries = self.ifindex_counters.items()
         slots = self.veth_counters.max_entries
-        copies = np.zeros((slots, possible_cpus()), VETH_COUNTERS_DTYPE)
-        if self.veth_counters.lookup_batch(np.zeros(slots, "<u4"), copies) is None:
+        copies = np.empty((slots, possible_cpus()), VETH_COUNTERS_DTYPE)  # every slot is read
+        if self.veth_counters.lookup_batch(np.empty(slots, "<u4"), copies) is None:
             for index in range(slots):
                 copies[index] = np.frombuffer(
                     self.veth_counters.lookup(U32.pack(index)) or b"", VETH_COUNTERS_DTYPE
