@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.datapath import RUN_DIR, Maps
+from agent.datapath.layouts import FLOW_KEY_DTYPE
 from agent.flows import TableRead
 from agent.lockfile import open_private, private_dir
 
@@ -46,7 +47,7 @@ class FlowTableReader:
         self._consumer_fd = _take_consumer_lock(run_dir)
         self._baseline_taken = False
         # flows the last read found moved in the epoch it bumped to: see the module's doc
-        self._moved_in_read_epoch: np.ndarray | None = None
+        self._moved_in_read_epoch = np.empty(0, FLOW_KEY_DTYPE)
 
     @property
     def reads_moved_keys(self) -> bool:
@@ -63,7 +64,7 @@ class FlowTableReader:
         # reader bumps it, consumer or not: each veth's flow share is counted per epoch.
         epoch = self.maps.bump_epoch()
         moved, lost = self.maps.read_moved_keys() if self.reads_moved_keys else (None, 0)
-        if moved is not None and self._moved_in_read_epoch is not None and len(self._moved_in_read_epoch):
+        if moved is not None and len(self._moved_in_read_epoch):
             moved = distinct_keys(np.concatenate([moved, self._moved_in_read_epoch]))
         complete = (
             moved is None
