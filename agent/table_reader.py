@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.datapath import RUN_DIR, Maps
-from agent.datapath.layouts import FLOW_KEY_DTYPE
+from agent.datapath.layouts import FLOW_KEY_DTYPE, distinct_keys
 from agent.flows import TableRead
 from agent.lockfile import open_private, private_dir
 
@@ -87,11 +87,6 @@ class FlowTableReader:
             complete=complete,
             moved_lost=lost,
         )
-
-
-def distinct_keys(keys: np.ndarray) -> np.ndarray:
-    """Flow keys (FLOW_KEY_DTYPE) without repeats, compared bytewise."""
-    return np.unique(keys.view(f"V{keys.dtype.itemsize}")).view(keys.dtype)
 
 
 def _take_consumer_lock(run_dir: Path) -> int | None:

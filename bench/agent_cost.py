@@ -12,6 +12,7 @@ costs the agent differently (it never announces a move), so it would measure som
 Beside the real phase runs the wake control (bench/wake_cost.py): a fixed piece of work timed
 back to back and once a second, which tells what this machine charges any process for
 waking once a second, apart from what the agent does.
+
 `python -m bench --only agent` runs this alone (bench/results/agent_cost.json, agent_cost.png).
 """
 

@@ -3,9 +3,10 @@
 A fixed piece of work, of the kinds an agent's refresh does (numpy sorting and searching
 flow keys, a Python loop), is timed back to back, then once a second after sleeping, in the
 same run as the agent. On a machine where the two agree, an agent's CPU is its work; on one
-where the host takes an idle guest's pages or caches away (seen on this project's VMs: 5-10
-times the back-to-back cost), every refresh after a second's sleep pays that too, whatever
-the agent does. CPU time from CLOCK_THREAD_CPUTIME_ID, kernel time included.
+where the host takes an idle guest's pages or caches away (seen on this project's VM: 3 to
+30 times the back-to-back cost, the more the idler the machine), every refresh after a
+second's sleep pays that too, whatever the agent does. CPU time from
+CLOCK_THREAD_CPUTIME_ID, kernel time included.
 
 `python -m bench.wake_cost SECONDS` prints the figures as JSON.
 """

@@ -71,3 +71,8 @@ VETH_COUNTERS_DTYPE = np.dtype(
         ("counters", "<u8", (_IFINDEX_COUNTERS.size // 8,)),
     ]
 )
+
+
+def distinct_keys(keys: np.ndarray) -> np.ndarray:
+    """Flow keys (FLOW_KEY_DTYPE) without repeats, sorted bytewise."""
+    return np.unique(keys.view(f"V{keys.dtype.itemsize}")).view(keys.dtype)

@@ -335,7 +335,7 @@ class Maps(PolicyMaps):
         One consumer at a time: the ring buffer has a single consumer position."""
         import numpy as np
 
-        from agent.datapath.layouts import FLOW_KEY_DTYPE
+        from agent.datapath.layouts import FLOW_KEY_DTYPE, distinct_keys
 
         if self._moved_ring is None:
             self._moved_ring = RingBuffer(self.moved_flows.fd, self.moved_flows.max_entries)
@@ -347,8 +347,7 @@ class Maps(PolicyMaps):
             return None, lost
         if not len(raw):
             return np.empty(0, FLOW_KEY_DTYPE), 0
-        announced = np.frombuffer(raw, f"V{FLOW_KEY_DTYPE.itemsize}")
-        return np.unique(announced).view(FLOW_KEY_DTYPE), 0
+        return distinct_keys(np.frombuffer(raw, FLOW_KEY_DTYPE)), 0
 
     def set_flow_share(self, flows_per_epoch: int) -> None:
         """How many flows one veth may create per epoch before the rest of its new flows
