@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from agent.datapath import FLOW_KEY_DTYPE, Maps, our_filters
-from agent.datapath.maps import FlowTableRead
+from agent.datapath.flow_maps import FlowTableRead
 from bench.agent_process import start_agent
 from bench.common import BIN, Results, Settings, latency_summary, progress, spread, wait_until
 from bench.environment import (

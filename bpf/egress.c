@@ -41,8 +41,10 @@ BPF_TABLE_PINNED("hash", __u32, struct flow_share, flow_shares, 4096, PIN_FLOW_S
 #ifndef FLOW_CACHE_CPUS
 #error "FLOW_CACHE_CPUS (the possible CPUs) must be given: agent/datapath/loader.py does"
 #endif
+/* Mappable, so the agent copies it with one memcpy a read instead of a batch lookup
+ * (188 us for the 256 KB of two CPUs, read twice a refresh). */
 BPF_TABLE_PINNED("array", __u32, struct flow_cache_set, flow_cache, FLOW_CACHE_CPUS * FLOW_CACHE_SETS,
-		 PIN_FLOW_CACHE);  /* each CPU its own sets: struct flow_cache_set */
+		 PIN_FLOW_CACHE, BPF_F_MMAPABLE);  /* each CPU its own sets: struct flow_cache_set */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, datapath_stats, STAT_MAX, PIN_DATAPATH_STATS);
 /* Mappable: user space writes each field in place (a 4-byte store), so the agent bumping
  * the epoch can never undo another process setting the flags, as a whole-value update could. */
@@ -86,7 +88,7 @@ enum parse_result {
 /* Timestamps are CLOCK_MONOTONIC_COARSE (bpf_ktime_get_coarse_ns, see now_ns): the same
  * clock as CLOCK_MONOTONIC, behind it by up to the last timekeeping update (a tick or two,
  * one more from now_ns's cache), for a fraction of a precise read's cost (~35 ns per packet
- * here). User space allows for it (maps.COARSE_CLOCK_SLACK_NS). */
+ * here). User space allows for it (flow_maps.COARSE_CLOCK_SLACK_NS). */
 
 /* The coarse clock read once per jiffy per CPU: jiffies64 is a plain load, a coarse
  * clock read is not (measured ~25 ns less per packet). Private to the program: nobody

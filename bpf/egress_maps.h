@@ -6,7 +6,7 @@
  * The maps (bpf/egress.c), all pinned; who writes them:
  *   flows             LRU hash flow_key -> flow_stats (shared, atomic adds): datapath, on a
  *                     flow_cache miss, a write-back, and every packet the cache does not take
- *   flow_cache        per-CPU array of FLOW_CACHE_SETS flow_cache_set: datapath, every
+ *   flow_cache        array, mmap-able, FLOW_CACHE_SETS flow_cache_set per CPU: datapath, every
  *                     forwarded IPv4 packet (user space adds it to flows when reading)
  *   ifindex_counters  per-CPU hash ifindex -> ifindex_counters: datapath (veths without a
  *                     veth_counters slot, and counts moved out of one)
@@ -29,7 +29,7 @@
 #ifndef EGRESS_MAPS_H
 #define EGRESS_MAPS_H
 
-#define EGRESS_TOP_LAYOUT 8
+#define EGRESS_TOP_LAYOUT 9
 
 /* One flow out of one container interface. Ports are host byte order so user
  * space reads them without swapping; for ICMP/ICMPv6 src_port holds the type and

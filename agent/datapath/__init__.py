@@ -1,6 +1,7 @@
 """Datapath layer: the only code that talks to BPF and tc.
 
-Rooms, one job each: syscalls (raw bpf(2)), maps (pinned maps), attach (tc clsact),
+Rooms, one job each: syscalls (raw bpf(2)), maps (pinned maps: flow_maps the flow
+table, its cache and the moved flows, policy_maps endpoints and rules), attach (tc clsact),
 program (which build is pinned; loading it from the cache or in a child), loader (BCC
 compile/load/pin, imported only by that short-lived child), program_cache (the compiled
 program on disk, keyed by source and kernel), cached_load (loading it by raw bpf(2)),
@@ -13,6 +14,7 @@ only writes policy (egress-block's fast path) starts without it.
 """
 
 from agent.datapath.attach import PROGRAM_NAME, detach, our_filters
+from agent.datapath.flow_maps import FlowTableRead
 from agent.datapath.lifecycle import (
     RUN_DIR,
     cleanup_everything,
@@ -28,7 +30,6 @@ from agent.datapath.maps import (
     PIN_DIR,
     POLICY_TABLE_SIZE,
     EndpointTotals,
-    FlowTableRead,
     IfindexCounters,
     Maps,
     PinnedMap,

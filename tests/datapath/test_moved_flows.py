@@ -16,7 +16,7 @@ from private_datapath import ip_bytes, on_one_cpu, private_datapath, udp_frame
 from prog_run import Program, skb_context
 
 from agent.datapath import FLOW_KEY_DTYPE, Datapath
-from agent.datapath.maps import COARSE_CLOCK_SLACK_NS, MOVED_FLOWS_BYTES
+from agent.datapath.flow_maps import COARSE_CLOCK_SLACK_NS, MOVED_FLOWS_BYTES
 from agent.datapath.ringbuf import RINGBUF_HEADER_BYTES
 from agent.table_reader import FlowTableReader
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from c_layout import c_values
 
-from agent.datapath import maps, policy_maps
+from agent.datapath import flow_maps, maps, policy_maps
 from agent.model import Verdict
 from agent.policy import (
     POLICY_ALLOW,
@@ -62,15 +62,15 @@ CONSTANTS = {
     "POLICY_KEY_FIXED_BITS": POLICY_KEY_FIXED_BITS,
     "POLICY_ALLOW": POLICY_ALLOW,
     "POLICY_DROP": POLICY_DROP,
-    "STAT_FLOWS_CREATED": maps.STAT_FLOWS_CREATED,
-    "STAT_MOVED_LOST": maps.STAT_MOVED_LOST,
+    "STAT_FLOWS_CREATED": flow_maps.STAT_FLOWS_CREATED,
+    "STAT_MOVED_LOST": flow_maps.STAT_MOVED_LOST,
     "RULE_KIND_PORT": policy_maps.RULE_KIND_PORT,
     "RULE_KIND_PROTO": policy_maps.RULE_KIND_PROTO,
     "RULE_KIND_ANY": policy_maps.RULE_KIND_ANY,
     "OVERFLOW_FAMILY": maps.OVERFLOW_FAMILY,
     "OVERFLOW_PROTO": maps.OVERFLOW_PROTO,
     "VETH_COUNTER_SLOTS": maps.VETH_COUNTER_SLOTS,
-    "MOVED_FLOWS_BYTES": maps.MOVED_FLOWS_BYTES,
+    "MOVED_FLOWS_BYTES": flow_maps.MOVED_FLOWS_BYTES,
     "VERDICT_FORWARDED": list(Verdict).index(Verdict.FORWARDED),
     "VERDICT_DROPPED": list(Verdict).index(Verdict.DROPPED),
     "VERDICT_DROPPED_UNPARSED": list(Verdict).index(Verdict.DROPPED_UNPARSED),
