@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from agent.attribution import Attribution, format_address
+from agent.datapath.layouts import take
 from agent.datapath.maps import OVERFLOW_FAMILY, EndpointTotals
 from agent.known_counters import KnownCounters, rows_of
 from agent.model import (
@@ -142,7 +143,7 @@ class FlowAggregator:
         real_flows = read.keys["family"] != OVERFLOW_FAMILY  # overflow shows in the veth totals
         keys, stats = read.keys, read.stats
         if not real_flows.all():  # no copy of a complete read for the rows it keeps
-            keys, stats = keys[real_flows], stats[real_flows]
+            keys, stats = take(keys, real_flows), take(stats, real_flows)
         baseline = self._previous_ns is None
         interval = 0.0 if self._previous_ns is None else (read.monotonic_ns - self._previous_ns) / 1e9
         # Only the rows that can have moved are diffed and summed: on a complete read of
@@ -158,7 +159,7 @@ class FlowAggregator:
             self._attribution = Attribution(inventory)
         attribution = self._attribution
         flows = (
-            self._flows(keys[rows[order]], stats[rows[order]], deltas[order], attribution)
+            self._flows(take(keys, rows[order]), take(stats, rows[order]), take(deltas, order), attribution)
             if self._build_flows
             else []
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.datapath.layouts import FLOW_KEY_DTYPE
+from agent.datapath.layouts import FLOW_KEY_DTYPE, take
 
 COLUMNS = 3  # bytes, packets, dropped_packets
 
@@ -34,7 +34,7 @@ _ZERO_WHEN_NARROW = np.setdiff1d(np.arange(_KEY_BYTES), _NARROW)
 def rows_of(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """array[rows] for rows as flatnonzero gives them (ascending, distinct), without a copy when
     they are all of its rows: on the complete read after 100,000 new flows, each copy was MBs."""
-    return array if len(rows) == len(array) else array[rows]
+    return array if len(rows) == len(array) else take(array, rows)
 
 
 class _SortedCounters:

@@ -24,7 +24,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from agent.datapath.layouts import FLOW_CACHE_ENTRY_DTYPE, FLOW_KEY_DTYPE, FLOW_STATS_DTYPE
+from agent.datapath.layouts import (
+    FLOW_CACHE_ENTRY_DTYPE,
+    FLOW_KEY_DTYPE,
+    FLOW_STATS_DTYPE,
+    copied,
+    joined,
+    take,
+)
 from agent.datapath.percpu import possible_cpus
 from agent.datapath.pinned import PinnedMap
 
@@ -86,7 +93,7 @@ def settle(
         moved = (before["seq"] != after["seq"]) | (after["seq"] & 1 == 1)
         if not moved.any():  # most reads: no way changed while the table was read
             break
-        again = np.unique(_strings(keys_of(np.concatenate([before[moved], after[moved]]))))
+        again = np.unique(_strings(keys_of(joined([take(before, moved), take(after, moved)]))))
         for among in (unsettled, wanted_strings):
             if among is not None:
                 again = again[np.isin(again, among)]
@@ -94,26 +101,26 @@ def settle(
             break
         found_keys, found_stats = lookup(again.view(FLOW_KEY_DTYPE))
         kept = ~np.isin(_strings(keys), again)
-        keys = np.concatenate([keys[kept], found_keys])
-        stats = np.concatenate([stats[kept], found_stats])
+        keys = joined([take(keys, kept), found_keys])
+        stats = joined([take(stats, kept), found_stats])
         newer = _occupied(after)
-        counted = np.concatenate([_without(counted, again), newer[np.isin(_strings(keys_of(newer)), again)]])
+        counted = joined([_without(counted, again), take(newer, np.isin(_strings(keys_of(newer)), again))])
         unsettled = again  # every other flow's ways held still: settled
         before, after = after, cache.read()
     cached_keys, cached_stats = totals(counted)
     if wanted_strings is not None:  # after totals: fewer rows, one per flow with counts
         keep = np.isin(_strings(cached_keys), wanted_strings)
-        cached_keys, cached_stats = cached_keys[keep], cached_stats[keep]
+        cached_keys, cached_stats = take(cached_keys, keep), take(cached_stats, keep)
     return add_cached(keys, stats, cached_keys, cached_stats)
 
 
 def _occupied(entries: np.ndarray) -> np.ndarray:
-    return entries[entries["ifindex"] != 0]
+    return take(entries, entries["ifindex"] != 0)
 
 
 def _without(entries: np.ndarray, flows: np.ndarray) -> np.ndarray:
     """The entries of flows (byte-string keys) other than these."""
-    return entries[~np.isin(_strings(keys_of(entries)), flows)]
+    return take(entries, ~np.isin(_strings(keys_of(entries)), flows))
 
 
 def keys_of(entries: np.ndarray) -> np.ndarray:
@@ -131,7 +138,7 @@ def keys_of(entries: np.ndarray) -> np.ndarray:
 def totals(entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(keys, stats) of the flows with counts in the cache, one row per flow: its entries
     on every CPU summed, last_seen_ns and rule_id those of the latest."""
-    live = entries[(entries["ifindex"] != 0) & ((entries["packets"] != 0) | (entries["bytes"] != 0))]
+    live = take(entries, (entries["ifindex"] != 0) & ((entries["packets"] != 0) | (entries["bytes"] != 0)))
     distinct, first_row, group = np.unique(_strings(keys_of(live)), return_index=True, return_inverse=True)
     stats = np.zeros(len(distinct), FLOW_STATS_DTYPE)
     for counter in ("bytes", "packets"):
@@ -156,18 +163,18 @@ def add_cached(
     table, cached = _strings(keys), _strings(cached_keys)  # cached is sorted (np.unique)
     positions = np.minimum(np.searchsorted(cached, table), len(cached) - 1)
     rows = np.flatnonzero(cached[positions] == table)
-    hits = cached_stats[positions[rows]]
-    stats = stats.copy()
+    hits = take(cached_stats, positions[rows])
+    stats = copied(stats)
     for counter in ("bytes", "packets"):
         stats[counter][rows] += hits[counter]
     newer = rows[hits["last_seen_ns"] >= stats["last_seen_ns"][rows]]
-    newest = cached_stats[positions[newer]]
+    newest = take(cached_stats, positions[newer])
     stats["last_seen_ns"][newer] = newest["last_seen_ns"]
     stats["rule_id"][newer] = newest["rule_id"]
     stats["verdict"][newer] = 0  # VERDICT_FORWARDED: the cache counts nothing else
     alone = np.ones(len(cached), bool)
     alone[positions[rows]] = False
-    return np.concatenate([keys, cached_keys[alone]]), np.concatenate([stats, cached_stats[alone]])
+    return joined([keys, take(cached_keys, alone)]), joined([stats, take(cached_stats, alone)])
 
 
 def _strings(keys: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ from agent.datapath.cached_load import (
     MapCreateAttr,
     ProgLoadAttr,
 )
+from agent.datapath.layouts import joined, put, take
 from agent.datapath.syscalls import BPF_PROG_TEST_RUN, TestRunAttr, address, sys_bpf
 
 log = logging.getLogger(__name__)
@@ -275,12 +276,12 @@ class FlowLookup:
         values: list[np.ndarray] = []
         for start in range(0, len(wanted), LOOKUP_SLOTS):
             count = min(LOOKUP_SLOTS, len(wanted) - start)
-            self._keys[:count] = wanted[start : start + count]
+            put(self._keys[:count], wanted[start : start + count])
             self._count.value = count
             sys_bpf(BPF_PROG_TEST_RUN, self._run)
             found[start : start + count] = self._found[:count]
-            values.append(self._values[:count][found[start : start + count]])  # a copy
-        return found, np.concatenate([self._values[:0], *values])
+            values.append(take(self._values[:count], found[start : start + count]))  # a copy
+        return found, joined([self._values[:0], *values])
 
     def close(self) -> None:
         del self._keys, self._found, self._values  # no mapping closes while a view of it lives

@@ -127,13 +127,15 @@ class FlowMaps:
         """(keys found, their merged flow_stats) in the table alone: one syscall per 1,024
         keys (agent/datapath/flow_lookup.py), or one per key where the kernel cannot run
         the lookup program."""
+        from agent.datapath.layouts import take
+
         batched = self._flow_lookup()
         if batched is not None:
             found, stats = batched.lookup(wanted)
         else:
             found, copies = self._lookup_each(wanted)
-            stats = merge_flow_copies(copies[found])
-        return wanted[found], stats
+            stats = merge_flow_copies(take(copies, found))
+        return take(wanted, found), stats
 
     def _cache(self) -> FlowCache:
         if self._flow_cache is None:

@@ -76,3 +76,32 @@ VETH_COUNTERS_DTYPE = np.dtype(
 def distinct_keys(keys: np.ndarray) -> np.ndarray:
     """Flow keys (FLOW_KEY_DTYPE) without repeats, sorted bytewise."""
     return np.unique(keys.view(f"V{keys.dtype.itemsize}")).view(keys.dtype)
+
+
+# numpy copies, takes, masks and concatenates a structured array field by field, an array
+# of opaque byte rows with memcpy: 2,000 flow_stats rows cost 95 us a copy and 130 us a
+# take that way, 4 and 8 us as bytes (numpy 2.4). The helpers below move whole records as
+# bytes and view the result as records again.
+
+
+def _as_bytes(records: np.ndarray) -> np.ndarray:
+    return records.view(np.dtype((np.void, records.dtype.itemsize)))
+
+
+def take(records: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """records[rows] (indexes or a mask), copied as bytes."""
+    return _as_bytes(records)[rows].view(records.dtype)
+
+
+def joined(records: list[np.ndarray]) -> np.ndarray:
+    """np.concatenate of record arrays of one dtype, copied as bytes."""
+    return np.concatenate([_as_bytes(part) for part in records]).view(records[0].dtype)
+
+
+def copied(records: np.ndarray) -> np.ndarray:
+    return _as_bytes(records).copy().view(records.dtype)
+
+
+def put(into: np.ndarray, records: np.ndarray) -> None:
+    """into[:] = records, same dtype, copied as bytes."""
+    _as_bytes(into)[...] = _as_bytes(records)
