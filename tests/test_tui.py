@@ -177,18 +177,31 @@ def big_snapshot(containers: int = 200, flows: int = 50_000) -> Snapshot:
     )
 
 
-def test_render_large_snapshot_is_fast() -> None:
-    snapshot = big_snapshot()
-    state = ViewState(expanded=frozenset(s.container.id for s in snapshot.stats[:10]))
-    started = time.perf_counter()
-    lines = screen(snapshot, state, width=200)
-    elapsed = time.perf_counter() - started
+def fastest_render(snapshot: Snapshot, state: ViewState, runs: int = 3) -> tuple[list[str], float]:
+    """The screen's lines, and the shortest of `runs` renders of it (seconds)."""
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        lines = screen(snapshot, state, width=200)
+        timings.append(time.perf_counter() - started)
+    return lines, min(timings)
+
+
+def test_render_time_does_not_grow_with_the_flows_held() -> None:
+    """The screen shows each container's row and the top flows of the expanded ones, so
+    50,000 flows render as fast as 2,000: timed against each other in the same run, not
+    against a wall-clock budget (rich's rendering of the same rows takes 0.2-0.35 s from
+    one machine to another)."""
+    many, few = big_snapshot(flows=50_000), big_snapshot(flows=2_000)
+    state = ViewState(expanded=frozenset(s.container.id for s in many.stats[:10]))
+    lines, many_seconds = fastest_render(many, state)
+    _, few_seconds = fastest_render(few, state)
     # header 2 + column titles 1 + 200 rows, then title + column titles + 5 flows for the
     # selected container (the busiest, service-199) and each of the 10 expanded ones
     titles = [line for line in lines if line.endswith(": top 5 of 250 active flows")]
     assert titles == [f"service-{n}: top 5 of 250 active flows" for n in (199, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)]
     assert len(lines) == 2 + 1 + 200 + 11 * (2 + 5)
-    assert elapsed < 0.3, f"rendering 200 containers / 50,000 flows took {elapsed:.3f}s"
+    assert many_seconds < 1.5 * few_seconds, f"50,000 flows: {many_seconds:.3f} s, 2,000: {few_seconds:.3f} s"
 
 
 LIVE_SCRIPT = """
