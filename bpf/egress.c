@@ -26,8 +26,9 @@
 
 #include "egress_maps.h"
 
-/* The per-veth counters the datapath writes on every packet are per-CPU: no atomics, no
- * shared cache lines. The flow table is not (struct flow_stats says why): atomic adds. */
+/* The per-veth counters the datapath writes on every packet are per-CPU (each CPU its own
+ * slots of veth_counters, below): no atomics, no shared cache lines. The flow table is not
+ * (struct flow_stats says why): atomic adds. */
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_stats, flows, FLOW_TABLE_SIZE, PIN_FLOWS);
 BPF_TABLE_PINNED("hash", __u32, struct endpoint_info, endpoints, 4096, PIN_ENDPOINTS);
 BPF_TABLE_PINNED("lpm_trie", struct policy_lpm_key, struct policy_rule, policy_lpm,
@@ -35,16 +36,19 @@ BPF_TABLE_PINNED("lpm_trie", struct policy_lpm_key, struct policy_rule, policy_l
 BPF_TABLE_PINNED("hash", __u32, __u32, slot_rule_kinds, 4096, PIN_SLOT_RULE_KINDS);
 BPF_TABLE_PINNED("percpu_hash", __u32, struct rule_stats, rule_stats, POLICY_TABLE_SIZE, PIN_RULE_STATS);
 BPF_TABLE_PINNED("percpu_hash", __u32, struct ifindex_counters, ifindex_counters, 4096, PIN_IFINDEX_COUNTERS);
-BPF_TABLE_PINNED("percpu_array", __u32, struct veth_counters, veth_counters, VETH_COUNTER_SLOTS,
-		 PIN_VETH_COUNTERS);
 BPF_TABLE_PINNED("hash", __u32, struct flow_share, flow_shares, 4096, PIN_FLOW_SHARES);
-#ifndef FLOW_CACHE_CPUS
-#error "FLOW_CACHE_CPUS (the possible CPUs) must be given: agent/datapath/loader.py does"
+#ifndef POSSIBLE_CPUS
+#error "POSSIBLE_CPUS (the possible CPUs) must be given: agent/datapath/loader.py does"
 #endif
-/* Mappable, so the agent copies it with one memcpy a read instead of a batch lookup
- * (188 us for the 256 KB of two CPUs, read twice a refresh). */
-BPF_TABLE_PINNED("array", __u32, struct flow_cache_set, flow_cache, FLOW_CACHE_CPUS * FLOW_CACHE_SETS,
-		 PIN_FLOW_CACHE, BPF_F_MMAPABLE);  /* each CPU its own sets: struct flow_cache_set */
+/* Plain arrays with a region per CPU ([cpu * per-CPU entries, ...), each CPU writing only
+ * its own: a per-CPU array reaches an element through a table of per-CPU pointers, one more
+ * dependent load a packet (struct flow_cache_set measures it), and cannot be mapped.
+ * Mappable, so the agent copies them with one memcpy a read instead of a batch lookup
+ * (the flow cache's 256 KB for two CPUs: 188 -> 12 us, read twice a refresh). */
+BPF_TABLE_PINNED("array", __u32, struct veth_counters, veth_counters, POSSIBLE_CPUS * VETH_COUNTER_SLOTS,
+		 PIN_VETH_COUNTERS, BPF_F_MMAPABLE);
+BPF_TABLE_PINNED("array", __u32, struct flow_cache_set, flow_cache, POSSIBLE_CPUS * FLOW_CACHE_SETS,
+		 PIN_FLOW_CACHE, BPF_F_MMAPABLE);
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, datapath_stats, STAT_MAX, PIN_DATAPATH_STATS);
 /* Mappable: user space writes each field in place (a 4-byte store), so the agent bumping
  * the epoch can never undo another process setting the flags, as a whole-value update could. */
@@ -316,10 +320,11 @@ struct veth {
 	__u32 rule_kinds;
 };
 
-/* This CPU's veth_counters slot of the veth, whichever veth holds it now. */
+/* This CPU's veth_counters slot of the veth, whichever veth holds it now (0 past
+ * POSSIBLE_CPUS, which cannot be: counters_of then counts in the hash). */
 static __always_inline struct veth_counters *veth_slot(__u32 ifindex)
 {
-	__u32 index = ifindex % VETH_COUNTER_SLOTS;
+	__u32 index = bpf_get_smp_processor_id() * VETH_COUNTER_SLOTS + ifindex % VETH_COUNTER_SLOTS;
 	return veth_counters.lookup(&index);
 }
 
@@ -327,16 +332,18 @@ static __always_inline struct veth_counters *veth_slot(__u32 ifindex)
 static __always_inline void counters_of(__u32 ifindex, struct veth *v)
 {
 	struct veth_counters *slot = veth_slot(ifindex);
+	struct ifindex_counters zero = {};
 	v->cache = 0;
 	v->counters = 0;
-	if (!slot)
+	if (!slot) {
+		v->counters = ifindex_counters.lookup_or_try_init(&ifindex, &zero);
 		return;
+	}
 	if (slot->ifindex == ifindex) {
 		v->cache = slot;
 		v->counters = &slot->counters;
 		return;
 	}
-	struct ifindex_counters zero = {};
 	if (slot->ifindex != 0) {
 		__u32 holder = slot->ifindex;
 		struct ifindex_counters *moved = 0;
@@ -574,7 +581,7 @@ static __always_inline void find_cached(struct flow_key *key, struct cached_flow
 	tag.src_port = key->src_port;
 	tag.dst_port = key->dst_port;
 	__u32 index = bpf_get_smp_processor_id() * FLOW_CACHE_SETS + flow_cache_set_of(&tag, key->proto), zero = 0;
-	struct flow_cache_set *set = flow_cache.lookup(&index);  /* 0 past FLOW_CACHE_CPUS: not cached */
+	struct flow_cache_set *set = flow_cache.lookup(&index);  /* 0 past POSSIBLE_CPUS: not cached */
 	struct flow_cache_probe *probe = flow_cache_probe.lookup(&zero);
 	if (!set || !probe)
 		return;

@@ -10,7 +10,8 @@
  *                     forwarded IPv4 packet (user space adds it to flows when reading)
  *   ifindex_counters  per-CPU hash ifindex -> ifindex_counters: datapath (veths without a
  *                     veth_counters slot, and counts moved out of one)
- *   veth_counters     per-CPU array of VETH_COUNTER_SLOTS veth_counters: datapath, every packet
+ *   veth_counters     array, mmap-able, VETH_COUNTER_SLOTS veth_counters per CPU: datapath,
+ *                     every packet
  *   endpoints         hash ifindex -> endpoint_info: user space (which container, has rules)
  *   policy_lpm        LPM trie policy_lpm_key -> policy_rule: user space
  *   slot_rule_kinds   hash slot -> RULE_KIND_* bits: user space (which lookups can match)
@@ -29,7 +30,7 @@
 #ifndef EGRESS_MAPS_H
 #define EGRESS_MAPS_H
 
-#define EGRESS_TOP_LAYOUT 9
+#define EGRESS_TOP_LAYOUT 10
 
 /* One flow out of one container interface. Ports are host byte order so user
  * space reads them without swapping; for ICMP/ICMPv6 src_port holds the type and
@@ -90,7 +91,7 @@ struct flow_stats {
  *
  * Eight-way set-associative, FLOW_CACHE_SETS sets per CPU, the set found by a hash of the
  * IPv4 5-tuple and ifindex. The sets live in one plain array, CPU c's at
- * [c * FLOW_CACHE_SETS, (c + 1) * FLOW_CACHE_SETS) (FLOW_CACHE_CPUS, the possible CPUs, is
+ * [c * FLOW_CACHE_SETS, (c + 1) * FLOW_CACHE_SETS) (POSSIBLE_CPUS, the possible CPUs, is
  * given by the loader), not in a per-CPU array: that one reaches each element through a
  * table of per-CPU pointers, one more dependent load a packet, and allocates each set on
  * its own. Measured side by side: 0.07-0.18x of the trivial program less per packet over
@@ -241,8 +242,9 @@ struct ifindex_counters {
 	__u64 overflow_bytes;
 };
 
-/* Where a veth's counters live: the per-CPU array veth_counters, indexed by
- * ifindex % VETH_COUNTER_SLOTS, holds the copy of the veth that claimed the slot on
+/* Where a veth's counters live: the array veth_counters, CPU c's slots at
+ * [c * VETH_COUNTER_SLOTS, (c + 1) * VETH_COUNTER_SLOTS), indexed by
+ * ifindex % VETH_COUNTER_SLOTS there, holds the copy of the veth that claimed the slot on
  * that CPU (an inlined array lookup, no hashing); a veth whose slot another veth holds
  * uses the per-CPU hash ifindex_counters instead. A claim held by a veth with no
  * endpoints entry (gone, or not tagged yet) is taken over by the next veth that needs

@@ -19,7 +19,6 @@ read settles while other flows keep moving).
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Callable
 
 import numpy as np
@@ -32,6 +31,7 @@ from agent.datapath.layouts import (
     joined,
     take,
 )
+from agent.datapath.mapped_array import MappedArray
 from agent.datapath.percpu import possible_cpus
 from agent.datapath.pinned import PinnedMap
 
@@ -46,28 +46,21 @@ TableLookup = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 class FlowCache:
     """The pinned flow_cache map, read whole: every CPU's every way. A plain array, each
-    CPU's sets one after the other (struct flow_cache_set says why), read through its mmap:
-    a copy of the mapped memory is the same snapshot a batch lookup gives (each is torn
-    only where a way's seq says so), for a fraction of its cost."""
+    CPU's sets one after the other (struct flow_cache_set says why), read through its mmap
+    (agent/datapath/mapped_array.py): a torn way shows in its seq, as settle() checks."""
 
     def __init__(self, pinned: PinnedMap) -> None:
         self.map = pinned
         self.sets = pinned.max_entries // possible_cpus()  # one CPU's
         self.ways = pinned.value_size // FLOW_CACHE_ENTRY_DTYPE.itemsize
-        entries = pinned.max_entries * self.ways
-        self._memory = mmap.mmap(pinned.fd, entries * FLOW_CACHE_ENTRY_DTYPE.itemsize, prot=mmap.PROT_READ)
-        # Bytes, viewed as entries once copied: numpy copies a structured array field by
-        # field (320 us for the 256 KB of two CPUs), bytes with one memcpy (10 us).
-        self._mapped: np.ndarray | None = np.frombuffer(self._memory, np.uint8)
+        self._mapped = MappedArray(pinned, FLOW_CACHE_ENTRY_DTYPE)
 
     def read(self) -> np.ndarray:
         """Every entry (FLOW_CACHE_ENTRY_DTYPE), in a fixed order: CPU, set, way."""
-        assert self._mapped is not None, "FlowCache read after close()"
-        return self._mapped.copy().view(FLOW_CACHE_ENTRY_DTYPE)
+        return self._mapped.read()
 
     def close(self) -> None:
-        self._mapped = None  # the mmap cannot close while a view of it lives
-        self._memory.close()
+        self._mapped.close()
 
 
 def settle(

@@ -51,7 +51,7 @@ def load_and_pin(flow_table_size: int, pin_dir: Path) -> Path:
         f"-I{source.parent}",
         f"-DFLOW_TABLE_SIZE={flow_table_size}",
         f"-DPOLICY_TABLE_SIZE={POLICY_TABLE_SIZE}",
-        f"-DFLOW_CACHE_CPUS={possible_cpus()}",
+        f"-DPOSSIBLE_CPUS={possible_cpus()}",
         *(f'-D{macro}="{pin_dir / name}"' for name, macro in MAP_PINS.items()),
     ]
     with tempfile.TemporaryDirectory(prefix="egress-top-") as tmp:

@@ -21,9 +21,11 @@ from agent.datapath.policy_maps import U32, PolicyMaps
 if TYPE_CHECKING:
     import numpy as np
 
+    from agent.datapath.mapped_array import MappedArray
+
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 9  # EGRESS_TOP_LAYOUT in bpf/egress_maps.h
+LAYOUT_VERSION = 10  # EGRESS_TOP_LAYOUT in bpf/egress_maps.h
 BPFFS = Path("/sys/fs/bpf")
 PIN_DIR = BPFFS / "egress-top" / f"v{LAYOUT_VERSION}"
 DEFAULT_FLOW_TABLE_SIZE = 65536
@@ -152,12 +154,15 @@ class Maps(PolicyMaps, FlowMaps):
             self.datapath_config.fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
         )
         self._config: DatapathConfig | None = DatapathConfig.from_buffer(self._config_memory)
+        self._veth_slots: MappedArray | None = None  # mapped by the first read of the counters
         self._open_flow_reads()
 
     def close(self) -> None:
         self._config = None  # the mmap cannot close while a view of it lives
         self._config_memory.close()
         self._close_flow_reads()
+        if self._veth_slots is not None:
+            self._veth_slots.close()
         for pinned in (
             self.flows,
             self.endpoints,
@@ -188,18 +193,15 @@ class Maps(PolicyMaps, FlowMaps):
         each at 200 veths, every interval)."""
         import numpy as np
 
-        from agent.datapath.layouts import VETH_COUNTERS_DTYPE
+        from agent.datapath.layouts import VETH_COUNTERS_DTYPE, take
+        from agent.datapath.mapped_array import MappedArray
 
         fields = _IFINDEX_COUNTERS.size // 8
         entries = self.ifindex_counters.items()
-        slots = self.veth_counters.max_entries
-        copies = np.empty((slots, possible_cpus()), VETH_COUNTERS_DTYPE)  # every slot is read
-        if self.veth_counters.lookup_batch(np.empty(slots, "<u4"), copies) is None:
-            for index in range(slots):
-                copies[index] = np.frombuffer(
-                    self.veth_counters.lookup(U32.pack(index)) or b"", VETH_COUNTERS_DTYPE
-                )
-        claimed = copies[copies["ifindex"] != 0]
+        if self._veth_slots is None:
+            self._veth_slots = MappedArray(self.veth_counters, VETH_COUNTERS_DTYPE)
+        copies = self._veth_slots.read()  # every CPU's every slot
+        claimed = take(copies, copies["ifindex"] != 0)
         entry_ifindexes = np.array([U32.unpack(key)[0] for key, _ in entries], np.uint32)
         owners = np.concatenate([np.repeat(entry_ifindexes, possible_cpus()), claimed["ifindex"]])
         values = np.concatenate(

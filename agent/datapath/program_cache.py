@@ -101,7 +101,7 @@ def cache_key(flow_table_size: int, source_dir: Path) -> str:
     digest = new_digest(f"format {CACHE_FORMAT}\0".encode())
     add_sources(digest, source_dir)
     digest.update(
-        f"FLOW_TABLE_SIZE={flow_table_size}\0POLICY_TABLE_SIZE={POLICY_TABLE_SIZE}\0FLOW_CACHE_CPUS={possible_cpus()}\0"
+        f"FLOW_TABLE_SIZE={flow_table_size}\0POLICY_TABLE_SIZE={POLICY_TABLE_SIZE}\0POSSIBLE_CPUS={possible_cpus()}\0"
         f"pins={','.join(sorted(MAP_PINS))}\0program={PROGRAM_NAME}".encode()
     )
     return f"{kernel_stamp()}-{digest.hexdigest()}"

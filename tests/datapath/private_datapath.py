@@ -17,6 +17,7 @@ from frames import ETH_HLEN, ETH_P_IP, UDP, ethernet, ipv4, transport
 from lab import PREFIX, RUN
 
 from agent.datapath import Datapath
+from agent.datapath.maps import VETH_COUNTER_SLOTS
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -33,6 +34,16 @@ def private_datapath(flow_table_size: int) -> Iterator[Datapath]:
             datapath.close()
     finally:
         shutil.rmtree(pin_dir, ignore_errors=True)
+
+
+def write_veth_slot(datapath: Datapath, ifindex: int, copies: bytes) -> None:
+    """Every CPU's copy of the veth_counters slot of ifindex (bpf/egress_maps.h, struct
+    veth_counters: CPU c's slots follow c - 1's), from copies laid end to end; b"" zeroes them."""
+    size = datapath.veth_counters.value_size
+    cpus = datapath.veth_counters.max_entries // VETH_COUNTER_SLOTS
+    for cpu in range(cpus):
+        index = cpu * VETH_COUNTER_SLOTS + ifindex % VETH_COUNTER_SLOTS
+        datapath.veth_counters.update(index.to_bytes(4, "little"), copies[cpu * size : (cpu + 1) * size])
 
 
 def _setns(fd: int) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from private_datapath import ip_bytes, on_one_cpu, private_datapath, udp_frame
+from private_datapath import ip_bytes, on_one_cpu, private_datapath, udp_frame, write_veth_slot
 from prog_run import TC_ACT_SHOT, TC_ACT_UNSPEC, Program, skb_context
 
 from agent.datapath import Datapath, flow_cache
@@ -233,9 +233,8 @@ def test_cached_hits_of_a_veth_whose_slot_another_holds_count_in_its_own_totals(
     frame = udp_frame("198.18.9.1", "198.51.100.79", 40000, 9448)
     claimant = np.zeros(possible_cpus(), VETH_COUNTERS_DTYPE)
     claimant["ifindex"] = OTHER_IFINDEX
-    slot_key = (IFINDEX % VETH_COUNTER_SLOTS).to_bytes(4, "little")
     datapath.set_endpoint(OTHER_IFINDEX, SLOT, has_policy=False)  # live: its slot is not taken over
-    datapath.veth_counters.update(slot_key, claimant.tobytes())
+    write_veth_slot(datapath, IFINDEX, claimant.tobytes())
     try:
         with on_one_cpu():
             program = Program(datapath.program_fd, skb_context(IFINDEX))
@@ -251,5 +250,5 @@ def test_cached_hits_of_a_veth_whose_slot_another_holds_count_in_its_own_totals(
         assert (totals[OTHER_IFINDEX].packets, totals[OTHER_IFINDEX].bytes) == (0, 0)
         assert packets_by_port(datapath, "198.18.9.1") == {(bytes([198, 51, 100, 79]), 9448): 21}
     finally:
-        datapath.veth_counters.update(slot_key, bytes(claimant.nbytes))
+        write_veth_slot(datapath, IFINDEX, b"")
         datapath.forget_endpoints(keep=())

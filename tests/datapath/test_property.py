@@ -49,10 +49,10 @@ from frames import (
 )
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
+from private_datapath import write_veth_slot
 from prog_run import TC_ACT_SHOT, TC_ACT_UNSPEC, Program, skb_context
 
 from agent.datapath import Datapath, EndpointTotals, IfindexCounters
-from agent.datapath.maps import VETH_COUNTER_SLOTS
 from agent.model import Verdict
 from agent.policy import Rule, lpm_entries, winning_rule
 
@@ -377,8 +377,7 @@ def reset_counters(datapath: Datapath) -> None:
     for pinned in (datapath.flows, datapath.ifindex_counters, datapath.rule_stats, datapath.flow_shares):
         for key in pinned.list_keys():
             pinned.delete(key)
-    # an array: zero (every CPU's copy of) the one slot our veth claims
-    datapath.veth_counters.update(struct.pack("=I", IFINDEX % VETH_COUNTER_SLOTS), b"")
+    write_veth_slot(datapath, IFINDEX, b"")  # an array: zero every CPU's copy of the slot our veth claims
     for index in range(datapath.flow_cache.max_entries):  # and every set of the flow cache
         datapath.flow_cache.update(struct.pack("=I", index), b"")
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from private_datapath import private_datapath
+from private_datapath import private_datapath, write_veth_slot
 
 from agent.datapath import Datapath
 from agent.datapath.layouts import VETH_COUNTERS_DTYPE
@@ -33,7 +33,7 @@ def test_slot_copies_and_hash_entries_of_every_veth_are_summed_exactly(datapath:
         slot = np.zeros(cpus, VETH_COUNTERS_DTYPE)
         slot["ifindex"] = 1000 + number
         slot["counters"] = rng.integers(0, 1 << 40, (cpus, FIELDS))
-        datapath.veth_counters.update((number * 5).to_bytes(4, "little"), slot.tobytes())
+        write_veth_slot(datapath, number * 5, slot.tobytes())
         expected[1000 + number] = slot["counters"].sum(axis=0)
     for ifindex in (1000, 1001, 5000, 5001):  # two that also hold a slot, two that hold none
         copies = rng.integers(0, 1 << 40, (cpus, FIELDS)).astype("<u8")
