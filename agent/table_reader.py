@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.datapath import RUN_DIR, Maps
-from agent.datapath.layouts import FLOW_KEY_DTYPE, distinct_keys
+from agent.datapath.layouts import FLOW_KEY_DTYPE, distinct_keys, joined, take
 from agent.flows import TableRead
 from agent.lockfile import open_private, private_dir
 
@@ -65,7 +65,7 @@ class FlowTableReader:
         epoch = self.maps.bump_epoch()
         moved, lost = self.maps.read_moved_keys() if self.reads_moved_keys else (None, 0)
         if moved is not None and len(self._moved_in_read_epoch):
-            moved = distinct_keys(np.concatenate([moved, self._moved_in_read_epoch]))
+            moved = distinct_keys(joined([moved, self._moved_in_read_epoch]))
         complete = (
             moved is None
             or full_read_wanted
@@ -75,7 +75,7 @@ class FlowTableReader:
         read = self.maps.read_flows() if complete else self.maps.lookup_flows(moved)
         self._baseline_taken = True
         if self.reads_moved_keys:
-            self._moved_in_read_epoch = read.keys[read.stats["epoch"] == epoch]
+            self._moved_in_read_epoch = take(read.keys, read.stats["epoch"] == epoch)
         return TableRead(
             keys=read.keys,
             stats=read.stats,
