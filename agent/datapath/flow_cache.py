@@ -50,7 +50,6 @@ class FlowCache:
     (agent/datapath/mapped_array.py): a torn way shows in its seq, as settle() checks."""
 
     def __init__(self, pinned: PinnedMap) -> None:
-        self.map = pinned
         self.sets = pinned.max_entries // possible_cpus()  # one CPU's
         self.ways = pinned.value_size // FLOW_CACHE_ENTRY_DTYPE.itemsize
         self._mapped = MappedArray(pinned, FLOW_CACHE_ENTRY_DTYPE)
