@@ -705,27 +705,22 @@ static __always_inline void count_flow(struct flow_key *key, struct ifindex_coun
 }
 
 /* A packet that is not judged by the rules: held (unknown veth) or unparsed. Counted
- * per veth, and as a flow when its addresses are known. */
-static __always_inline int unjudged(struct flow_key *key, int parsed, struct ifindex_counters *c,
-				    struct datapath_config *config, __u64 bytes, __u64 packets, __u32 verdict)
+ * per veth here; as a flow by the caller, when its addresses are known. */
+static __always_inline void count_unjudged(struct ifindex_counters *c, __u64 bytes, __u64 packets, __u32 verdict)
 {
-	if (c) {
-		if (verdict == VERDICT_HELD) {
-			c->held_packets += packets;
-			c->held_bytes += bytes;
-		} else {
-			c->unparsed_packets += packets;
-			c->unparsed_bytes += bytes;
-			if (verdict == VERDICT_DROPPED_UNPARSED) {
-				c->unparsed_dropped_packets += packets;
-				c->unparsed_dropped_bytes += bytes;
-			}
-		}
+	if (!c)
+		return;
+	if (verdict == VERDICT_HELD) {
+		c->held_packets += packets;
+		c->held_bytes += bytes;
+		return;
 	}
-	/* An unparsed key has ports 0: load_l4 fills them only once they are read. */
-	if (parsed != PARSE_NO_IP_HEADER)
-		count_flow(key, c, config, bytes, packets, 0, verdict, 0, 0);
-	return verdict == VERDICT_FORWARDED ? TC_ACT_UNSPEC : TC_ACT_SHOT;
+	c->unparsed_packets += packets;
+	c->unparsed_bytes += bytes;
+	if (verdict == VERDICT_DROPPED_UNPARSED) {
+		c->unparsed_dropped_packets += packets;
+		c->unparsed_dropped_bytes += bytes;
+	}
 }
 
 int egress_top_ingress(struct __sk_buff *skb)
@@ -772,16 +767,16 @@ int egress_top_ingress(struct __sk_buff *skb)
 		c->bytes += bytes;
 	}
 	endpoint_of(ifindex, generation, &v);
-	if (!v.known && config && (config->flags & CONFIG_F_HOLD_UNKNOWN))
-		return unjudged(&key, parsed, c, config, bytes, packets, VERDICT_HELD);
 	int enforced = v.flags & ENDPOINT_F_POLICY;
-	if (parsed != PARSE_OK)
-		return unjudged(&key, parsed, c, config, bytes, packets,
-				enforced ? VERDICT_DROPPED_UNPARSED : VERDICT_FORWARDED);
-
 	__u32 rule_id = 0;
 	__u32 verdict = VERDICT_FORWARDED;
-	if (enforced) {
+	if (!v.known && config && (config->flags & CONFIG_F_HOLD_UNKNOWN)) {
+		verdict = VERDICT_HELD;
+		count_unjudged(c, bytes, packets, verdict);
+	} else if (parsed != PARSE_OK) {
+		verdict = enforced ? VERDICT_DROPPED_UNPARSED : VERDICT_FORWARDED;
+		count_unjudged(c, bytes, packets, verdict);
+	} else if (enforced) {
 		if (verdict_cached(&found, generation)) {
 			rule_id = found.entry->rule_id;
 		} else {
@@ -796,14 +791,15 @@ int egress_top_ingress(struct __sk_buff *skb)
 			count_rule_hit(rule_id, bytes, packets, now_ns());
 	}
 
-	count_flow(&key, c, config, bytes, packets, rule_id, verdict, &found, generation);
-	if (verdict == VERDICT_DROPPED) {
-		if (c) {
-			c->dropped_packets += packets;
-			c->dropped_bytes += bytes;
-		}
-		return TC_ACT_SHOT;
+	/* An unparsed key has ports 0: load_l4 fills them only once they are read. A held or
+	 * unparsed packet found no cache way (find_cached runs for parsed packets only) or is
+	 * not forwarded: count_flow counts it in the table. */
+	if (parsed != PARSE_NO_IP_HEADER)
+		count_flow(&key, c, config, bytes, packets, rule_id, verdict, &found, generation);
+	if (verdict == VERDICT_DROPPED && c) {
+		c->dropped_packets += packets;
+		c->dropped_bytes += bytes;
 	}
 	/* UNSPEC, not OK: other classifiers on this hook still see the packet */
-	return TC_ACT_UNSPEC;
+	return verdict == VERDICT_FORWARDED ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 }
