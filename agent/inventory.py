@@ -14,6 +14,7 @@ Swarm task has no --pid host) and no CAP_SYS_PTRACE for containers of another ui
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import random
@@ -91,11 +92,18 @@ def in_netns(netns_path: str, fn: Callable[[], Any]) -> Any:
     return outcome["value"]
 
 
+@functools.cache
+def _nsfs_device() -> int:
+    """The device of every netns file (nsfs has one per boot): read once, not once per
+    container and reconcile."""
+    return os.stat("/proc/self/ns/net").st_dev
+
+
 def is_netns(path: str) -> bool:
     """A netns file (nsfs), not the empty file a sandbox's mount point is where the mount
     did not propagate (a bind mount of /var/run/docker/netns without rslave)."""
     try:
-        return os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev
+        return os.stat(path).st_dev == _nsfs_device()
     except OSError:
         return False
 

@@ -58,6 +58,10 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
   touch .venv/.installed
 fi
+# The project's own bytecode: an editable install compiles none of it, and where
+# PYTHONDONTWRITEBYTECODE is set no start writes it either, so every start compiled ~60
+# modules from source (egress-top beside an agent: 0.39 -> 0.37 s). Up-to-date files are skipped.
+.venv/bin/python -m compileall -q -j 0 agent bpf bench >/dev/null
 
 scripts/build-test-image.sh
 say "ready"
